@@ -1,0 +1,401 @@
+"""The one place that builds or loads weights: LLaVA + SAM + projection, 4-bit, LoRA, checkpoints.
+
+Every entry point (inference CLI, training, evaluation, the app, the benchmark) calls
+`load_lisa`. Sources are Hub ids or local folders in the transformers layout; the tiny
+architecture is built locally by `lisa_demo.tiny`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lisa_demo import checkpoint as ckpt
+from lisa_demo.config import (
+    IMAGE_TOKEN,
+    QUANTIZATION_SKIP_MODULES,
+    SEG_TOKEN,
+    ConfigError,
+    ModelConfig,
+)
+from lisa_demo.model import LisaModel
+
+log = logging.getLogger("lisa_demo.loading")
+
+PROJECTION_FILE = "projection.safetensors"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be fetched or read; the message says what to do instead."""
+
+
+@dataclass
+class LoadedLisa:
+    """A ready model with its processors and the facts a checkpoint manifest records."""
+
+    model: LisaModel
+    processor: object  # LlavaProcessor: tokenizer + CLIP image processor
+    sam_processor: object  # SamProcessor
+    config: ModelConfig
+    device: torch.device
+    base: dict  # {"llava": {...}, "sam": {...}} sources, architectures, fingerprints
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def seg_token_id(self) -> int:
+        return self.model.seg_token_id
+
+    def manifest(self, **extra: object) -> dict:
+        """What a checkpoint of this model must record to be reloaded onto the same base."""
+        cfg = self.config
+        lora = None
+        if cfg.use_lora:
+            lora = {
+                "r": cfg.lora_r,
+                "alpha": cfg.lora_alpha,
+                "dropout": cfg.lora_dropout,
+                "targets": list(cfg.lora_targets),
+            }
+        return {
+            **self.base,
+            "seg_token": SEG_TOKEN,
+            "seg_token_id": self.seg_token_id,
+            "lora": lora,
+            "train_all": cfg.train_all,
+            "quantization": cfg.quantization,
+            "precision": cfg.precision,
+            **extra,
+        }
+
+
+# Sources ------------------------------------------------------------------------------------
+def resolve_sources(cfg: ModelConfig) -> tuple[str, str]:
+    if cfg.build_tiny:
+        from lisa_demo.tiny import cached_tiny_models
+
+        root = cached_tiny_models()
+        return str(root / "llava"), str(root / "sam")
+    return cfg.llava, cfg.sam
+
+
+def _describe(kind: str, source: str, config: object) -> dict:
+    path = Path(source)
+    arch = {"model_type": getattr(config, "model_type", "?")}
+    if kind == "llava":
+        text, vision = config.text_config, config.vision_config
+        arch.update(
+            hidden=text.hidden_size, layers=text.num_hidden_layers,
+            vision_hidden=vision.hidden_size, vision_layers=vision.num_hidden_layers,
+        )  # fmt: skip
+    else:
+        vision = config.vision_config
+        arch.update(
+            hidden=vision.hidden_size, layers=vision.num_hidden_layers,
+            image_size=vision.image_size,
+            decoder_hidden=config.mask_decoder_config.hidden_size,
+        )  # fmt: skip
+    return {
+        "source": source,
+        "revision": getattr(config, "_commit_hash", None),
+        "fingerprint": ckpt.folder_fingerprint(path) if path.is_dir() else None,
+        "architecture": arch,
+    }
+
+
+def _fetch_error(kind: str, source: str, err: Exception) -> ModelLoadError:
+    if Path(source).exists():
+        reason = f"the folder {source} is not a transformers {kind} model ({err})"
+    else:
+        reason = (
+            f"'{source}' is neither a local folder nor a model that could be fetched from the "
+            f"Hugging Face Hub (no network, a typo, or a gated model)"
+        )
+    flag = "--llava" if kind == "LLaVA" else "--sam"
+    return ModelLoadError(
+        f"Could not load the {kind} model: {reason}. Download it where you have access "
+        f"(`hf download {source} --local-dir DIR`) and pass {flag} DIR, or use --preset tiny "
+        f"(bundled, offline)."
+    )
+
+
+# Processors and the [SEG] token ---------------------------------------------------------------
+def load_processors(llava_src: str, sam_src: str) -> tuple[object, object]:
+    from transformers import AutoProcessor, SamProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(llava_src)
+    except (OSError, ValueError) as err:
+        raise _fetch_error("LLaVA", llava_src, err) from err
+    try:
+        sam_processor = SamProcessor.from_pretrained(sam_src)
+    except (OSError, ValueError) as err:
+        raise _fetch_error("SAM", sam_src, err) from err
+    return processor, sam_processor
+
+
+def ensure_seg_token(tokenizer) -> tuple[int, bool]:
+    """Add `[SEG]` as an ordinary added token if absent. Returns (id, whether it was added)."""
+    if SEG_TOKEN in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids(SEG_TOKEN), False
+    tokenizer.add_tokens([SEG_TOKEN])
+    return tokenizer.convert_tokens_to_ids(SEG_TOKEN), True
+
+
+def init_seg_rows(llava, seg_id: int, n_known: int) -> None:
+    """Make room for `[SEG]` and set its embedding and LM-head rows to the mean of the known
+    rows, so a saved adapter reloads to the same logits."""
+    if seg_id >= llava.get_input_embeddings().weight.shape[0]:
+        llava.resize_token_embeddings(
+            seg_id + 1, pad_to_multiple_of=64, mean_resizing=False
+        )
+    with torch.no_grad():
+        for matrix in (
+            llava.get_input_embeddings().weight,
+            llava.get_output_embeddings().weight,
+        ):
+            matrix[seg_id] = matrix[:n_known].float().mean(dim=0).to(matrix.dtype)
+
+
+# Models ---------------------------------------------------------------------------------------
+def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
+    """bitsandbytes settings for the language model only (vision, projector, lm_head skipped)."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = list(QUANTIZATION_SKIP_MODULES)
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def _check_bitsandbytes(cfg: ModelConfig) -> None:
+    if cfg.quantization == "none":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            f"--quantization {cfg.quantization} needs bitsandbytes: pip install bitsandbytes"
+        ) from err
+
+
+def load_llava(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    from transformers import LlavaForConditionalGeneration
+
+    quant = quantization_config(cfg, dtype)
+    kwargs: dict = {"dtype": dtype}
+    if quant is not None:
+        _check_bitsandbytes(cfg)
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {
+            "": device.index if device.type == "cuda" else device.type
+        }
+    if cfg.random_weights:
+        return _random_llava(cfg, dtype, device, quant)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _fetch_error("LLaVA", source, err) from err
+    return model if quant is not None else model.to(device)
+
+
+def _random_llava(cfg: ModelConfig, dtype, device, quant):
+    """The full-size architecture with random weights (speed/memory measurement, no download)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from lisa_demo.architectures import llava_1_5_7b_config
+
+    config = llava_1_5_7b_config()
+    if quant is None:
+        with torch.device(device):
+            return LlavaForConditionalGeneration(config).to(dtype)
+    raise ConfigError(
+        "--random-weights builds unquantized weights; use --quantization none"
+    )
+
+
+def load_sam(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    from transformers import SamModel
+
+    if cfg.random_weights:
+        from lisa_demo.architectures import sam_variant, sam_vit_config
+
+        with torch.device(device):
+            return SamModel(sam_vit_config(sam_variant(source))).to(dtype)
+    try:
+        return SamModel.from_pretrained(source, dtype=dtype).to(device)
+    except (OSError, ValueError) as err:
+        raise _fetch_error("SAM", source, err) from err
+
+
+def apply_lora(llava, cfg: ModelConfig, seg_id: int):
+    """Wrap the language model's attention projections with LoRA; train the [SEG] rows."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_regex(),
+        trainable_token_indices={"embed_tokens": [seg_id], "lm_head": [seg_id]},
+        bias="none",
+    )
+    return get_peft_model(llava, lora)
+
+
+def set_trainable(model: LisaModel, cfg: ModelConfig, for_training: bool) -> None:
+    """Freeze everything except what LISA trains (or everything, for pretraining)."""
+    if not for_training:
+        model.requires_grad_(False)
+        model.eval()
+        return
+    if cfg.train_all:
+        model.requires_grad_(True)
+    else:
+        # peft already froze the base and marked LoRA / token rows trainable.
+        if not cfg.use_lora:
+            model.llava.requires_grad_(False)
+        model.sam.requires_grad_(False)
+        model.sam.mask_decoder.requires_grad_(True)
+    model.text_hidden_fcs.requires_grad_(True)
+    model.train()
+
+
+def _apply_checkpoint_settings(cfg: ModelConfig, manifest: dict) -> ModelConfig:
+    lora = manifest.get("lora")
+    if lora:
+        cfg = cfg.replace(
+            use_lora=True,
+            lora_r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            lora_targets=tuple(lora["targets"]),
+        )
+    return cfg
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_lisa(
+    cfg: ModelConfig,
+    checkpoint: str | Path | None = None,
+    device: str | torch.device | None = None,
+    for_training: bool = False,
+) -> LoadedLisa:
+    """Build the LISA model described by `cfg`, optionally with a fine-tuned checkpoint."""
+    device = pick_device(device)
+    manifest = ckpt.read_manifest(checkpoint) if checkpoint is not None else None
+    if manifest is not None:
+        cfg = _apply_checkpoint_settings(cfg, manifest)
+    dtype = DTYPES[cfg.precision]
+    llava_src, sam_src = resolve_sources(cfg)
+    processor, sam_processor = load_processors(llava_src, sam_src)
+    tokenizer = processor.tokenizer
+    n_known = len(tokenizer)
+    seg_id, added = ensure_seg_token(tokenizer)
+
+    llava = load_llava(llava_src, cfg, dtype, device)
+    sam = load_sam(sam_src, cfg, dtype, device)
+    base = {"llava": _describe("llava", llava_src, llava.config)}
+    base["sam"] = _describe("sam", sam_src, sam.config)
+    if added:
+        init_seg_rows(llava, seg_id, n_known)
+    if cfg.gradient_checkpointing and for_training:
+        llava.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    if cfg.use_lora:
+        llava = apply_lora(llava, cfg, seg_id)
+
+    model = LisaModel(
+        llava,
+        sam,
+        seg_token_id=seg_id,
+        hidden_size=llava.config.text_config.hidden_size,
+        loss_weights=cfg.losses,
+        train_sam_encoder=cfg.train_all,
+    )
+    model.text_hidden_fcs.to(
+        device=device, dtype=torch.float32 if dtype == torch.float16 else dtype
+    )
+    _load_projection(model, cfg.heads)
+    set_trainable(
+        model, cfg, for_training=True
+    )  # names of trainable tensors define the format
+    loaded = LoadedLisa(model, processor, sam_processor, cfg, device, base)
+    if manifest is not None:
+        if manifest.get("seg_token_id") != seg_id:
+            raise ckpt.CheckpointError(
+                f"checkpoint [SEG] id {manifest.get('seg_token_id')} differs from this "
+                f"tokenizer's {seg_id}: it was made for another base model"
+            )
+        loaded.warnings = ckpt.check_same_base(manifest, base)
+        for line in loaded.warnings:
+            log.warning(line)
+        ckpt.load_trainable_state(checkpoint, model)
+    set_trainable(model, cfg, for_training)
+    return loaded
+
+
+def _load_projection(model: LisaModel, heads: str | None) -> None:
+    if heads is None:
+        return
+    path = Path(heads) / PROJECTION_FILE
+    if not path.exists():
+        raise ModelLoadError(
+            f"{path} is missing: the bundled model in assets/ is incomplete"
+        )
+    state = load_file(str(path))
+    model.text_hidden_fcs.load_state_dict(state, strict=True)
+
+
+def save_full_model(loaded: LoadedLisa, out: Path | str) -> Path:
+    """Export a fully trained model as a base: llava/, sam/ (HF layout) and the projection."""
+    model = loaded.model
+    if loaded.config.use_lora or loaded.config.quantization != "none":
+        raise ConfigError("a full export needs an unquantized model without LoRA")
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.llava.save_pretrained(tmp / "llava")
+            loaded.processor.save_pretrained(tmp / "llava")
+            model.sam.save_pretrained(tmp / "sam")
+            loaded.sam_processor.save_pretrained(tmp / "sam")
+        state = {
+            k: v.detach().cpu().contiguous()
+            for k, v in model.text_hidden_fcs.state_dict().items()
+        }
+        save_file(state, str(tmp / PROJECTION_FILE))
+
+    return ckpt.write_atomically(Path(out), write)
+
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "LoadedLisa",
+    "ModelLoadError",
+    "load_lisa",
+    "save_full_model",
+]

@@ -1,0 +1,229 @@
+"""The LISA forward pass: LLaVA's `[SEG]` hidden states, projected into SAM's mask decoder.
+
+Both upstream models are used unmodified: LLaVA runs as a whole, SAM is called part by part
+(image encoder, the "no mask" dense prompt, the mask decoder with our sparse prompts).
+This module does no I/O and never moves tensors to a device on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lisa_demo.config import LossWeights
+from lisa_demo.losses import dice_per_mask, sigmoid_bce_per_mask
+
+
+def build_projection(hidden_size: int, prompt_size: int) -> nn.Sequential:
+    """LISA's "text_hidden_fcs": Linear(H, H) -> ReLU -> Linear(H, prompt_size)."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, hidden_size),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_size, prompt_size),
+    )
+
+
+def seg_query_mask(input_ids: torch.Tensor, seg_token_id: int) -> torch.Tensor:
+    """Positions whose hidden state predicts a `[SEG]` token (the `[SEG]` mask shifted left).
+
+    input_ids: [B, L] long. Returns [B, L] bool, True at t where input_ids[t + 1] is `[SEG]`.
+    """
+    is_seg = input_ids == seg_token_id
+    query = torch.zeros_like(is_seg)
+    query[:, :-1] = is_seg[:, 1:]
+    return query
+
+
+def upsample_mask_logits(
+    low_res: torch.Tensor,
+    pad_size: int,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+) -> torch.Tensor:
+    """SAM's low-resolution logits back to the original image.
+
+    low_res: [n, h, w] logits for a padded square of side `pad_size`; `input_size` is the
+    resized image inside that square (before padding); `original_size` is (H, W).
+    Returns [n, H, W] logits.
+    """
+    x = low_res.unsqueeze(1).float()
+    x = F.interpolate(
+        x, size=(pad_size, pad_size), mode="bilinear", align_corners=False
+    )
+    x = x[..., : input_size[0], : input_size[1]]
+    x = F.interpolate(
+        x, size=tuple(original_size), mode="bilinear", align_corners=False
+    )
+    return x.squeeze(1)
+
+
+@dataclass
+class LisaOutput:
+    """One forward pass. Mask lists hold one entry per sample, masks at original size."""
+
+    loss: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    bce_loss: torch.Tensor | None = None
+    dice_loss: torch.Tensor | None = None
+    mask_logits: list[torch.Tensor] = field(
+        default_factory=list
+    )  # each [n_i, H_i, W_i]
+    scores: list[torch.Tensor] = field(
+        default_factory=list
+    )  # each [n_i], SAM's predicted IoU
+    mask_count: int = 0
+
+
+class LisaModel(nn.Module):
+    """LLaVA + projection + SAM. `llava` may be a peft-wrapped model."""
+
+    def __init__(
+        self,
+        llava: nn.Module,
+        sam: nn.Module,
+        seg_token_id: int,
+        hidden_size: int,
+        loss_weights: LossWeights | None = None,
+        train_sam_encoder: bool = False,
+    ) -> None:
+        super().__init__()
+        self.llava = llava
+        self.sam = sam
+        self.seg_token_id = seg_token_id
+        self.loss_weights = loss_weights or LossWeights()
+        self.train_sam_encoder = train_sam_encoder
+        prompt_size = sam.config.mask_decoder_config.hidden_size
+        self.text_hidden_fcs = build_projection(hidden_size, prompt_size)
+        self.sam_pad_size = sam.config.vision_config.image_size
+
+    # SAM side ---------------------------------------------------------------------------
+    def encode_images(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        """SAM image embeddings [B, C, h, w] from padded pixels [B, 3, S, S]."""
+        encoder = self.sam.vision_encoder
+        dtype = next(encoder.parameters()).dtype
+        with torch.set_grad_enabled(self.train_sam_encoder and torch.is_grad_enabled()):
+            return encoder(sam_pixel_values.to(dtype)).last_hidden_state
+
+    def decode_masks(
+        self,
+        prompts: Sequence[torch.Tensor],
+        image_embeddings: torch.Tensor,
+        input_sizes: Sequence[tuple[int, int]],
+        original_sizes: Sequence[tuple[int, int]],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One mask per prompt vector.
+
+        prompts: per sample [n_i, P] projected `[SEG]` states; image_embeddings: [B, C, h, w].
+        Returns per sample logits [n_i, H_i, W_i] and SAM's predicted IoU [n_i].
+        """
+        sam = self.sam
+        decoder_dtype = next(sam.mask_decoder.parameters()).dtype
+        positional = sam.get_image_wide_positional_embeddings().to(decoder_dtype)
+        _, dense = sam.prompt_encoder(None, None, None, None)
+        masks: list[torch.Tensor] = []
+        scores: list[torch.Tensor] = []
+        for i, prompt in enumerate(prompts):
+            if prompt.shape[0] == 0:
+                height, width = original_sizes[i]
+                masks.append(
+                    image_embeddings.new_zeros((0, height, width), dtype=torch.float32)
+                )
+                scores.append(image_embeddings.new_zeros((0,), dtype=torch.float32))
+                continue
+            # One image, n_i prompts: point_batch = n_i, one sparse token each.
+            sparse = prompt.to(decoder_dtype).view(1, prompt.shape[0], 1, -1)
+            low_res, iou = sam.mask_decoder(
+                image_embeddings=image_embeddings[i : i + 1].to(decoder_dtype),
+                image_positional_embeddings=positional,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense.to(decoder_dtype),
+                multimask_output=False,
+            )
+            logits = upsample_mask_logits(
+                low_res[0, :, 0], self.sam_pad_size, input_sizes[i], original_sizes[i]
+            )
+            masks.append(logits)
+            scores.append(iou[0, :, 0].float())
+        return masks, scores
+
+    # LLaVA side -------------------------------------------------------------------------
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, H] `[SEG]` hidden states -> [n, P] sparse prompt embeddings."""
+        weight = self.text_hidden_fcs[0].weight
+        return self.text_hidden_fcs(hidden.to(weight.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        input_sizes: Sequence[tuple[int, int]],
+        original_sizes: Sequence[tuple[int, int]],
+        labels: torch.Tensor | None = None,
+        image_embeddings: torch.Tensor | None = None,
+        sam_pixel_values: torch.Tensor | None = None,
+        gt_masks: Sequence[torch.Tensor] | None = None,
+    ) -> LisaOutput:
+        """Teacher-forced pass: text loss, one mask per `[SEG]` and, with gt_masks, mask losses.
+
+        input_ids, attention_mask, labels: [B, L]; pixel_values: [B, 3, h, w] (CLIP);
+        image_embeddings: [B, C, h', w'] cached SAM embeddings, or sam_pixel_values
+        [B, 3, S, S] to compute them; gt_masks: per sample [n_i, H_i, W_i] in {0, 1}.
+        """
+        if image_embeddings is None:
+            if sam_pixel_values is None:
+                raise ValueError("pass image_embeddings or sam_pixel_values")
+            image_embeddings = self.encode_images(sam_pixel_values)
+        llava_dtype = self.llava.get_input_embeddings().weight.dtype
+        out = self.llava(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values.to(llava_dtype),
+            labels=labels,
+            output_hidden_states=True,
+            return_dict=True,
+        )
+        last_hidden = out.hidden_states[-1]  # after the final norm
+        query = seg_query_mask(input_ids, self.seg_token_id)
+        prompts = [
+            self.project(last_hidden[b][query[b]]) for b in range(input_ids.shape[0])
+        ]
+        mask_logits, scores = self.decode_masks(
+            prompts, image_embeddings, input_sizes, original_sizes
+        )
+        result = LisaOutput(
+            mask_logits=mask_logits,
+            scores=scores,
+            mask_count=sum(int(m.shape[0]) for m in mask_logits),
+            ce_loss=out.loss,
+        )
+        if gt_masks is not None:
+            self._add_losses(result, gt_masks)
+        return result
+
+    def _add_losses(self, result: LisaOutput, gt_masks: Sequence[torch.Tensor]) -> None:
+        bce_terms, dice_terms = [], []
+        for logits, target in zip(result.mask_logits, gt_masks, strict=True):
+            if logits.shape[0] != target.shape[0]:
+                raise ValueError(
+                    f"{logits.shape[0]} [SEG] tokens but {target.shape[0]} ground-truth masks"
+                )
+            if logits.shape[0]:
+                target = target.to(logits.device, logits.dtype)
+                bce_terms.append(sigmoid_bce_per_mask(logits, target))
+                dice_terms.append(dice_per_mask(logits, target))
+        w = self.loss_weights
+        ce = result.ce_loss
+        if bce_terms:
+            result.bce_loss = torch.cat(bce_terms).mean()
+            result.dice_loss = torch.cat(dice_terms).mean()
+        else:
+            zero = ce * 0.0 if ce is not None else torch.zeros(())
+            result.bce_loss = zero
+            result.dice_loss = zero
+        loss = w.bce * result.bce_loss + w.dice * result.dice_loss
+        result.loss = loss + w.ce * ce if ce is not None else loss
