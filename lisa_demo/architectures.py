@@ -65,9 +65,7 @@ def sam_variant(source: str) -> str:
     for name in SAM_VARIANTS:
         if source.rstrip("/").endswith(f"vit-{name}") or source == name:
             return name
-    raise ValueError(
-        f"no built-in SAM architecture for {source!r}; use sam-vit-base/large/huge"
-    )
+    raise ValueError(f"no built-in SAM architecture for {source!r}; use sam-vit-base/large/huge")
 
 
 def sam_vit_config(variant: str = "base"):  # -> SamConfig

@@ -48,9 +48,7 @@ class LossWeights:
     def __post_init__(self) -> None:
         for name in ("ce", "bce", "dice"):
             if getattr(self, name) < 0:
-                raise ConfigError(
-                    f"loss weight {name} must be >= 0, got {getattr(self, name)}"
-                )
+                raise ConfigError(f"loss weight {name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -59,9 +57,7 @@ class ModelConfig:
 
     llava: str  # Hub id or local folder of a LLaVA (transformers layout)
     sam: str  # Hub id or local folder of a SAM (transformers layout)
-    heads: str | None = (
-        None  # folder holding lisa_heads.safetensors (projection, decoder)
-    )
+    heads: str | None = None  # folder holding lisa_heads.safetensors (projection, decoder)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (compute dtype)
     quantization: str = "none"  # none | 8bit | 4bit (language model only)
     use_lora: bool = False
@@ -70,20 +66,14 @@ class ModelConfig:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # projections inside LM layers
     gradient_checkpointing: bool = False
-    train_all: bool = (
-        False  # pretraining: every weight trains (vision tower, SAM encoder too)
-    )
-    random_weights: bool = (
-        False  # build the architecture with random weights, no download
-    )
+    train_all: bool = False  # pretraining: every weight trains (vision tower, SAM encoder too)
+    random_weights: bool = False  # build the architecture with random weights, no download
     build_tiny: bool = False  # build the random tiny model locally instead of loading
     losses: LossWeights = field(default_factory=LossWeights)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"precision must be one of {PRECISIONS}, got {self.precision!r}"
-            )
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(
                 f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
@@ -93,18 +83,12 @@ class ModelConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError("--lora-dropout must be in [0, 1)")
         if not self.lora_targets:
-            raise ConfigError(
-                "--lora-targets needs at least one module name, e.g. q_proj v_proj"
-            )
+            raise ConfigError("--lora-targets needs at least one module name, e.g. q_proj v_proj")
         for target in self.lora_targets:
             if not target.replace("_", "").isalnum():
-                raise ConfigError(
-                    f"LoRA target {target!r} is not a module name like q_proj"
-                )
+                raise ConfigError(f"LoRA target {target!r} is not a module name like q_proj")
         if self.train_all and (self.use_lora or self.quantization != "none"):
-            raise ConfigError(
-                "full training (train_all) needs quantization none and no LoRA"
-            )
+            raise ConfigError("full training (train_all) needs quantization none and no LoRA")
 
     def replace(self, **changes: object) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -153,7 +137,5 @@ PRESETS: dict[str, object] = {
 def preset(name: str) -> ModelConfig:
     """Return a fresh ModelConfig for a named preset; unknown names list the known ones."""
     if name not in PRESETS:
-        raise ConfigError(
-            f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}"
-        )
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]()  # type: ignore[operator]

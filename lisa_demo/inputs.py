@@ -60,9 +60,7 @@ def encode_image(image: np.ndarray, processor, sam_processor) -> EncodedImage:
 def image_token_count(processor) -> int:
     """How many tokens the processor expands `<image>` into (576 for llava-1.5)."""
     size = processor.image_processor.crop_size or processor.image_processor.size
-    data = processor._get_num_multimodal_tokens(
-        image_sizes=[(size["height"], size["width"])]
-    )
+    data = processor._get_num_multimodal_tokens(image_sizes=[(size["height"], size["width"])])
     return int(data["num_image_tokens"][0])
 
 

@@ -155,9 +155,7 @@ def init_seg_rows(llava, seg_id: int, n_known: int) -> None:
     """Make room for `[SEG]` and set its embedding and LM-head rows to the mean of the known
     rows, so a saved adapter reloads to the same logits."""
     if seg_id >= llava.get_input_embeddings().weight.shape[0]:
-        llava.resize_token_embeddings(
-            seg_id + 1, pad_to_multiple_of=64, mean_resizing=False
-        )
+        llava.resize_token_embeddings(seg_id + 1, pad_to_multiple_of=64, mean_resizing=False)
     with torch.no_grad():
         for matrix in (
             llava.get_input_embeddings().weight,
@@ -204,9 +202,7 @@ def load_llava(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.
     if quant is not None:
         _check_bitsandbytes(cfg)
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {
-            "": device.index if device.type == "cuda" else device.type
-        }
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else device.type}
     if cfg.random_weights:
         return _random_llava(cfg, dtype, device, quant)
     try:
@@ -226,9 +222,7 @@ def _random_llava(cfg: ModelConfig, dtype, device, quant):
     if quant is None:
         with torch.device(device):
             return LlavaForConditionalGeneration(config).to(dtype)
-    raise ConfigError(
-        "--random-weights builds unquantized weights; use --quantization none"
-    )
+    raise ConfigError("--random-weights builds unquantized weights; use --quantization none")
 
 
 def load_sam(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
@@ -322,9 +316,7 @@ def load_lisa(
     if added:
         init_seg_rows(llava, seg_id, n_known)
     if cfg.gradient_checkpointing and for_training:
-        llava.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.use_lora:
         llava = apply_lora(llava, cfg, seg_id)
 
@@ -340,9 +332,7 @@ def load_lisa(
         device=device, dtype=torch.float32 if dtype == torch.float16 else dtype
     )
     _load_projection(model, cfg.heads)
-    set_trainable(
-        model, cfg, for_training=True
-    )  # names of trainable tensors define the format
+    set_trainable(model, cfg, for_training=True)  # names of trainable tensors define the format
     loaded = LoadedLisa(model, processor, sam_processor, cfg, device, base)
     if manifest is not None:
         if manifest.get("seg_token_id") != seg_id:
@@ -363,9 +353,7 @@ def _load_projection(model: LisaModel, heads: str | None) -> None:
         return
     path = Path(heads) / PROJECTION_FILE
     if not path.exists():
-        raise ModelLoadError(
-            f"{path} is missing: the bundled model in assets/ is incomplete"
-        )
+        raise ModelLoadError(f"{path} is missing: the bundled model in assets/ is incomplete")
     state = load_file(str(path))
     model.text_hidden_fcs.load_state_dict(state, strict=True)
 
@@ -384,8 +372,7 @@ def save_full_model(loaded: LoadedLisa, out: Path | str) -> Path:
             model.sam.save_pretrained(tmp / "sam")
             loaded.sam_processor.save_pretrained(tmp / "sam")
         state = {
-            k: v.detach().cpu().contiguous()
-            for k, v in model.text_hidden_fcs.state_dict().items()
+            k: v.detach().cpu().contiguous() for k, v in model.text_hidden_fcs.state_dict().items()
         }
         save_file(state, str(tmp / PROJECTION_FILE))
 

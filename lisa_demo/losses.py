@@ -14,9 +14,7 @@ def sigmoid_bce_per_mask(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 
     logits, targets: [n, H, W]; targets in {0, 1} (float). Returns [n].
     """
-    loss = F.binary_cross_entropy_with_logits(
-        logits.float(), targets.float(), reduction="none"
-    )
+    loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
     return loss.flatten(1).mean(dim=1)
 
 

@@ -51,13 +51,9 @@ def upsample_mask_logits(
     Returns [n, H, W] logits.
     """
     x = low_res.unsqueeze(1).float()
-    x = F.interpolate(
-        x, size=(pad_size, pad_size), mode="bilinear", align_corners=False
-    )
+    x = F.interpolate(x, size=(pad_size, pad_size), mode="bilinear", align_corners=False)
     x = x[..., : input_size[0], : input_size[1]]
-    x = F.interpolate(
-        x, size=tuple(original_size), mode="bilinear", align_corners=False
-    )
+    x = F.interpolate(x, size=tuple(original_size), mode="bilinear", align_corners=False)
     return x.squeeze(1)
 
 
@@ -69,12 +65,8 @@ class LisaOutput:
     ce_loss: torch.Tensor | None = None
     bce_loss: torch.Tensor | None = None
     dice_loss: torch.Tensor | None = None
-    mask_logits: list[torch.Tensor] = field(
-        default_factory=list
-    )  # each [n_i, H_i, W_i]
-    scores: list[torch.Tensor] = field(
-        default_factory=list
-    )  # each [n_i], SAM's predicted IoU
+    mask_logits: list[torch.Tensor] = field(default_factory=list)  # each [n_i, H_i, W_i]
+    scores: list[torch.Tensor] = field(default_factory=list)  # each [n_i], SAM's predicted IoU
     mask_count: int = 0
 
 
@@ -129,9 +121,7 @@ class LisaModel(nn.Module):
         for i, prompt in enumerate(prompts):
             if prompt.shape[0] == 0:
                 height, width = original_sizes[i]
-                masks.append(
-                    image_embeddings.new_zeros((0, height, width), dtype=torch.float32)
-                )
+                masks.append(image_embeddings.new_zeros((0, height, width), dtype=torch.float32))
                 scores.append(image_embeddings.new_zeros((0,), dtype=torch.float32))
                 continue
             # One image, n_i prompts: point_batch = n_i, one sparse token each.
@@ -189,9 +179,7 @@ class LisaModel(nn.Module):
         )
         last_hidden = out.hidden_states[-1]  # after the final norm
         query = seg_query_mask(input_ids, self.seg_token_id)
-        prompts = [
-            self.project(last_hidden[b][query[b]]) for b in range(input_ids.shape[0])
-        ]
+        prompts = [self.project(last_hidden[b][query[b]]) for b in range(input_ids.shape[0])]
         mask_logits, scores = self.decode_masks(
             prompts, image_embeddings, input_sizes, original_sizes
         )

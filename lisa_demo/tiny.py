@@ -72,9 +72,7 @@ def tokenizer_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     for char in chars:
         vocab.setdefault(char, len(vocab))
     merges: list[tuple[str, str]] = []
-    words = sorted(
-        {w for word in _WORDS for w in (word, word.capitalize(), word.upper())}
-    )
+    words = sorted({w for word in _WORDS for w in (word, word.capitalize(), word.upper())})
     for word in words:
         token = "▁"
         for char in word:
@@ -103,9 +101,7 @@ def _padded_vocab_size(n_tokens: int) -> int:
     return ((n_tokens + 63) // 64) * 64
 
 
-def llava_config(
-    vocab_size: int, image_token_id: int, pad_token_id: int
-):  # -> LlavaConfig
+def llava_config(vocab_size: int, image_token_id: int, pad_token_id: int):  # -> LlavaConfig
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
@@ -243,9 +239,7 @@ def _build_signature() -> str:
 
 def cached_tiny_models() -> Path:
     """The random tiny models in a user cache folder, built once per architecture version."""
-    root = Path(
-        os.environ.get("LISA_CACHE_DIR", Path.home() / ".cache" / "lisa_studio")
-    )
+    root = Path(os.environ.get("LISA_CACHE_DIR", Path.home() / ".cache" / "lisa_studio"))
     folder = root / f"tiny-random-{_build_signature()}"
     marker = folder / "complete.json"
     if not marker.exists():
