@@ -273,6 +273,8 @@ def set_trainable(model: LisaModel, cfg: ModelConfig, for_training: bool) -> Non
 
 
 def _apply_checkpoint_settings(cfg: ModelConfig, manifest: dict) -> ModelConfig:
+    if manifest.get("train_all"):
+        cfg = cfg.replace(train_all=True, use_lora=False)
     lora = manifest.get("lora")
     if lora:
         cfg = cfg.replace(

@@ -8,11 +8,12 @@ This module does no I/O and never moves tensors to a device on its own.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from lisa_demo.config import LossWeights
 from lisa_demo.losses import dice_per_mask, sigmoid_bce_per_mask
@@ -58,16 +59,19 @@ def upsample_mask_logits(
 
 
 @dataclass
-class LisaOutput:
-    """One forward pass. Mask lists hold one entry per sample, masks at original size."""
+class LisaOutput(ModelOutput):
+    """One forward pass. Mask lists hold one entry per sample, masks at original size.
+
+    A ModelOutput (a dict underneath) so DistributedDataParallel finds the output tensors.
+    """
 
     loss: torch.Tensor | None = None
     ce_loss: torch.Tensor | None = None
     bce_loss: torch.Tensor | None = None
     dice_loss: torch.Tensor | None = None
-    mask_logits: list[torch.Tensor] = field(default_factory=list)  # each [n_i, H_i, W_i]
-    scores: list[torch.Tensor] = field(default_factory=list)  # each [n_i], SAM's predicted IoU
-    mask_count: int = 0
+    mask_logits: list[torch.Tensor] | None = None  # each [n_i, H_i, W_i]
+    scores: list[torch.Tensor] | None = None  # each [n_i], SAM's predicted IoU
+    mask_count: int | None = None
 
 
 class LisaModel(nn.Module):

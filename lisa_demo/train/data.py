@@ -1,0 +1,189 @@
+"""Training and validation batches: ReasonSeg samples -> tokenized prompts, pixels, masks.
+
+Also the SAM image-embedding cache: the frozen encoder runs once per image and its output is
+reused across the queries of that image and across epochs (in memory, optionally on disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lisa_demo.data.prompts import EVAL_ANSWER, eval_question, training_answer, training_question
+from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
+from lisa_demo.inputs import (
+    EncodedImage,
+    collate_text,
+    encode_image,
+    encode_text,
+    image_token_count,
+)
+
+
+@dataclass
+class PreparedImage:
+    encoded: EncodedImage
+    mask: np.ndarray  # HxW uint8, 0 / 1 / 255
+
+
+class ImageStore:
+    """Decoded, preprocessed images and rasterised masks, bounded LRU by count."""
+
+    def __init__(self, processor, sam_processor, capacity: int = 4096) -> None:
+        self.processor = processor
+        self.sam_processor = sam_processor
+        self.capacity = capacity
+        self._items: OrderedDict[Path, PreparedImage] = OrderedDict()
+
+    def get(self, sample: Sample) -> PreparedImage:
+        path = sample.record.image_path
+        item = self._items.get(path)
+        if item is None:
+            image = sample.record.load_image()
+            encoded = encode_image(image, self.processor, self.sam_processor)
+            item = PreparedImage(encoded, sample.record.load_mask())
+            self._items[path] = item
+            if len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(path)
+        return item
+
+
+class TextEncoder:
+    """Questions and answers to token ids, with LISA's templates."""
+
+    def __init__(self, processor) -> None:
+        self.tokenizer = processor.tokenizer
+        self.n_image_tokens = image_token_count(processor)
+
+    def training(self, sample: Sample, rng: random.Random) -> tuple[list[int], list[int]]:
+        question = training_question(sample.query, sample.record.is_sentence, rng)
+        answer = training_answer(rng, sample.explanation)
+        return encode_text(self.tokenizer, question, answer, self.n_image_tokens)
+
+    def prompt(self, sample: Sample) -> list[int]:
+        """The evaluation question alone, for generation."""
+        question = eval_question(sample.query, sample.record.is_sentence)
+        return encode_text(self.tokenizer, question, None, self.n_image_tokens)[0]
+
+    def evaluation(self, sample: Sample) -> tuple[list[int], list[int]]:
+        question = eval_question(sample.query, sample.record.is_sentence)
+        return encode_text(self.tokenizer, question, EVAL_ANSWER, self.n_image_tokens)
+
+
+class SampleBatcher:
+    """Turns a list of Samples into the keyword arguments of LisaModel.forward."""
+
+    def __init__(self, processor, sam_processor, seed: int = 0) -> None:
+        self.images = ImageStore(processor, sam_processor)
+        self.text = TextEncoder(processor)
+        self.pad_id = processor.tokenizer.pad_token_id
+        self.seed = seed
+
+    def __call__(
+        self,
+        samples: list[Sample],
+        training: bool,
+        epoch: int = 0,
+        indices: list[int] | None = None,
+    ) -> dict:
+        ids, labels, prepared = [], [], []
+        for n, sample in enumerate(samples):
+            if training:
+                # Template choice depends only on (seed, epoch, index): resumable and stable.
+                index = indices[n] if indices is not None else n
+                rng = random.Random(f"{self.seed}/{epoch}/{index}")
+                seq, lab = self.text.training(sample, rng)
+            else:
+                seq, lab = self.text.evaluation(sample)
+            ids.append(seq)
+            labels.append(lab)
+            prepared.append(self.images.get(sample))
+        batch = collate_text(ids, labels, self.pad_id)
+        encoded = [p.encoded for p in prepared]
+        batch.update(
+            pixel_values=torch.stack([e.pixel_values for e in encoded]),
+            sam_pixel_values=torch.stack([e.sam_pixel_values for e in encoded]),
+            input_sizes=[e.input_size for e in encoded],
+            original_sizes=[e.original_size for e in encoded],
+            image_keys=[e.key for e in encoded],
+            masks=[p.mask for p in prepared],
+        )
+        return batch
+
+
+def training_targets(masks: list[np.ndarray]) -> list[torch.Tensor]:
+    """Ignore pixels count as background in training (LISA). Each -> [1, H, W] float."""
+    return [torch.from_numpy((m == 1).astype(np.float32))[None] for m in masks]
+
+
+class EmbeddingCache:
+    """SAM image embeddings by image content and encoder identity; memory LRU + optional disk."""
+
+    def __init__(self, encoder_id: str, capacity: int = 8192, disk_dir: Path | None = None):
+        self.encoder_id = encoder_id
+        self.capacity = capacity
+        self.disk_dir = Path(disk_dir) if disk_dir else None
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def _key(self, image_key: str) -> str:
+        return hashlib.sha1(f"{self.encoder_id}/{image_key}".encode()).hexdigest()
+
+    def get(self, image_key: str) -> torch.Tensor | None:
+        key = self._key(image_key)
+        found = self._memory.get(key)
+        if found is None and self.disk_dir is not None:
+            path = self.disk_dir / f"{key}.safetensors"
+            if path.exists():
+                found = load_file(str(path))["embedding"]
+                self._remember(key, found)
+        if found is not None:
+            self._memory.move_to_end(key)
+        return found
+
+    def put(self, image_key: str, embedding: torch.Tensor) -> None:
+        key = self._key(image_key)
+        embedding = embedding.detach().to("cpu").contiguous()
+        self._remember(key, embedding)
+        if self.disk_dir is not None:
+            self.disk_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.disk_dir / f".{key}.tmp"
+            save_file({"embedding": embedding}, str(tmp))
+            tmp.replace(self.disk_dir / f"{key}.safetensors")
+
+    def _remember(self, key: str, embedding: torch.Tensor) -> None:
+        self._memory[key] = embedding
+        if len(self._memory) > self.capacity:
+            self._memory.popitem(last=False)
+
+    def embeddings(self, batch: dict, encode, device: torch.device) -> torch.Tensor:
+        """[B, C, h, w] for the batch: cached ones reused, the rest encoded and stored."""
+        keys = batch["image_keys"]
+        found = [self.get(k) for k in keys]
+        missing = [i for i, e in enumerate(found) if e is None]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            pixels = batch["sam_pixel_values"][missing].to(device)
+            with torch.no_grad():
+                fresh = encode(pixels)
+            for i, emb in zip(missing, fresh, strict=True):
+                self.put(keys[i], emb)
+                found[i] = emb
+        return torch.stack([e.to(device) for e in found])
+
+
+def limit(dataset: ReasonSegDataset, max_samples: int) -> list[int]:
+    """Indices of the dataset, truncated to max_samples (0 = all)."""
+    n = len(dataset)
+    return list(range(min(n, max_samples) if max_samples else n))

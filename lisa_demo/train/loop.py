@@ -1,0 +1,393 @@
+"""The training loop: explicit, top to bottom. accelerate handles devices and processes.
+
+python -m lisa_demo.train --synthetic 64 --output-dir runs/demo --max-steps 50
+accelerate launch -m lisa_demo.train --dataset data/reasonseg --preset llava-1.5-7b ...
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lisa_demo.checkpoint import save_checkpoint
+from lisa_demo.config import ConfigError
+from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
+from lisa_demo.loading import LoadedLisa, load_lisa, save_full_model
+from lisa_demo.train.data import EmbeddingCache, SampleBatcher, training_targets
+from lisa_demo.train.evaluate import evaluate_samples, seg_rate
+from lisa_demo.train.events import EventLog, load_history
+from lisa_demo.train.options import TrainConfig
+from lisa_demo.train.state import (
+    load_optimizer,
+    load_trainer_state,
+    save_optimizer,
+    save_trainer_state,
+)
+
+
+def lr_at(step: int, total: int, warmup: int, kind: str, base: float) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if kind == "constant" or total <= warmup:
+        return base
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return base * (1.0 - progress)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated on a GPU, peak resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class StopRequest:
+    """SIGTERM / SIGINT / a time budget: finish the current step, save `last`, exit 0."""
+
+    def __init__(self, max_minutes: float = 0.0) -> None:
+        self.requested = False
+        self.deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+    def should_stop(self, accelerator) -> bool:
+        local = self.requested or (self.deadline is not None and time.monotonic() > self.deadline)
+        flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (per process)
+    best_metric: float = -1.0
+    evals_without_improvement: int = 0
+    samples_seen: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+
+
+# Data ----------------------------------------------------------------------------------------
+def prepare_datasets(cfg: TrainConfig, accelerator) -> tuple[ReasonSegDataset, ReasonSegDataset]:
+    """Read (or first generate) train/ and val/; fails with DataError before any model load."""
+    root = cfg.dataset
+    if cfg.synthetic:
+        root = cfg.output_dir / "data"
+        if accelerator.is_main_process and not (root / "val").exists():
+            from lisa_demo.data.synthetic import generate_dataset
+
+            splits = {"train": cfg.synthetic, "val": max(4, cfg.synthetic // 4)}
+            generate_dataset(
+                root, splits, cfg.synthetic_seed, cfg.exclude_concept, cfg.focus_concept
+            )
+        accelerator.wait_for_everyone()
+    train = ReasonSegDataset(Path(root) / "train", queries=cfg.queries, seed=cfg.seed)
+    val = ReasonSegDataset(Path(root) / "val", queries="first", seed=cfg.seed)
+    return train, val
+
+
+def epoch_batches(
+    n_samples: int, batch_size: int, seed: int, epoch: int, rank: int, world: int
+) -> list[list[int]]:
+    """This process's batches of sample indices for one epoch (same count on every rank)."""
+    order = list(range(n_samples))
+    random.Random(f"order/{seed}/{epoch}").shuffle(order)
+    per_rank = len(order) // world
+    mine = order[rank * per_rank : (rank + 1) * per_rank]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+# Checkpoints -------------------------------------------------------------------------------------
+def write_checkpoint(
+    kind: str, cfg: TrainConfig, loaded: LoadedLisa, model, optimizer, progress: Progress,
+    metrics: dict | None,
+) -> Path:  # fmt: skip
+    folder = cfg.output_dir / "checkpoints" / kind
+
+    def extra(tmp: Path) -> None:
+        save_optimizer(optimizer, tmp)
+        save_trainer_state(tmp, {
+            "step": progress.step, "epoch": progress.epoch,
+            "batch_in_epoch": progress.batch_in_epoch, "best_metric": progress.best_metric,
+            "evals_without_improvement": progress.evals_without_improvement,
+            "samples_seen": progress.samples_seen, "metrics": metrics,
+        })  # fmt: skip
+
+    manifest = loaded.manifest(step=progress.step, epoch=progress.epoch, metrics=metrics)
+    return save_checkpoint(folder, model, manifest, extra)
+
+
+def resume_folder(path: Path) -> Path:
+    """A run folder (its checkpoints/last) or a checkpoint folder."""
+    for candidate in (path / "checkpoints" / "last", path / "checkpoints" / "best", path):
+        if (candidate / "trainer_state.json").exists():
+            return candidate
+    raise ConfigError(f"--resume {path}: no checkpoints/last with trainer_state.json there")
+
+
+# The loop --------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> str:
+    """Run training; returns the end status ("finished" or "stopped"). Raises on failure."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    cuda = torch.cuda.is_available()
+    precision = cfg.model.precision
+    mixed = {"bf16": "bf16", "fp16": "fp16" if cuda else "no"}.get(precision, "no")
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision=mixed,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    stop = StopRequest(cfg.max_minutes)
+    resume = resume_folder(cfg.resume) if cfg.resume else None
+    history = load_history(cfg.resume if cfg.resume and (cfg.resume / "events.jsonl").exists()
+                           else cfg.output_dir) if resume else []  # fmt: skip
+    events = EventLog(cfg.output_dir, enabled=accelerator.is_main_process, history=history)
+    try:
+        return _run(cfg, accelerator, events, stop, resume)
+    except BaseException as err:
+        events.emit("end", status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        events.close()
+
+
+def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, resume) -> str:
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    is_main_rank = accelerator.is_main_process
+
+    # Phase 1: data (cheap, fails early), then the model.
+    train_set, val_set = prepare_datasets(cfg, accelerator)
+    n_train = min(len(train_set), cfg.max_train_samples or len(train_set))
+    val_samples: list[Sample] = [val_set[i] for i in range(len(val_set))]
+    val_samples = val_samples[: cfg.max_val_samples or None]
+    loaded = load_lisa(cfg.model, checkpoint=resume, device=device, for_training=True)
+    model = loaded.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # master weights in fp32; autocast does the low-precision math
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)
+    batcher = SampleBatcher(loaded.processor, loaded.sam_processor, seed=cfg.seed)
+    cache = None
+    if not cfg.model.train_all and not cfg.no_embedding_cache:
+        encoder_id = str(loaded.base["sam"].get("fingerprint") or loaded.base["sam"]["source"])
+        cache = EmbeddingCache(encoder_id, disk_dir=cfg.embedding_cache_dir)
+
+    per_epoch = max(1, (n_train // world) // cfg.batch_size // cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+    epochs = cfg.epochs if not cfg.max_steps else math.ceil(cfg.max_steps / per_epoch)
+    eval_every = cfg.eval_every or per_epoch
+
+    progress = Progress()
+    if resume is not None:
+        state = load_trainer_state(resume)
+        load_optimizer(optimizer, resume)
+        progress = Progress(
+            step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
+            best_metric=state["best_metric"],
+            evals_without_improvement=state["evals_without_improvement"],
+            samples_seen=state.get("samples_seen", 0),
+        )  # fmt: skip
+    events.emit(
+        "start",
+        config=cfg.as_dict(),
+        dataset={"train": n_train, "val": len(val_samples), "train_images": len(train_set.records),
+                 "train_report": train_set.report.summary(), "val_report": val_set.report.summary()},
+        trainable_params=sum(p.numel() for p in params),
+        total_params=sum(p.numel() for p in core.parameters()),
+        total_steps=total_steps, world_size=world, device=str(device),
+        resumed_from=str(resume) if resume else None, start_step=progress.step,
+    )  # fmt: skip
+
+    def evaluate_now() -> dict:
+        acc, _ = evaluate_samples(core, batcher, val_samples, cfg.batch_size, device, cache,
+                                  accelerator)  # fmt: skip
+        rate = float("nan")
+        if is_main_rank and cfg.seg_rate_samples:
+            rate = seg_rate(core, batcher, val_samples[: cfg.seg_rate_samples], device)
+        metrics = {**acc.as_dict(), "seg_rate": rate}
+        events.emit("eval", step=progress.step, epoch=progress.epoch, **metrics)
+        return metrics
+
+    def save(kind: str, metrics: dict | None) -> None:
+        if is_main_rank:
+            path = write_checkpoint(kind, cfg, loaded, core, optimizer, progress, metrics)
+            events.emit("checkpoint", step=progress.step, kind=kind, path=str(path),
+                        metric=(metrics or {}).get(cfg.select_metric))  # fmt: skip
+        accelerator.wait_for_everyone()
+
+    status = "finished"
+    last_metrics: dict | None = None
+    window_start, window_samples = time.monotonic(), 0
+    run_start, start_step = time.monotonic(), progress.step
+    model.train()
+    done = progress.step >= total_steps
+    while not done and progress.epoch < epochs:
+        train_set.set_epoch(progress.epoch)
+        batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, progress.epoch, rank, world)
+        micro = 0
+        for index, batch_indices in enumerate(batches):
+            if index < progress.batch_in_epoch:
+                continue  # resumed mid-epoch: these were consumed before the stop
+            # Phase 2: one micro-batch forward/backward (gradients accumulate).
+            samples = [train_set[i] for i in batch_indices]
+            batch = batcher(samples, training=True, epoch=progress.epoch, indices=batch_indices)
+            inputs = {
+                "input_ids": batch["input_ids"].to(device),
+                "attention_mask": batch["attention_mask"].to(device),
+                "labels": batch["labels"].to(device),
+                "pixel_values": batch["pixel_values"].to(device),
+                "input_sizes": batch["input_sizes"],
+                "original_sizes": batch["original_sizes"],
+                "gt_masks": training_targets(batch["masks"]),
+            }
+            if cache is not None:
+                inputs["image_embeddings"] = cache.embeddings(batch, core.encode_images, device)
+            else:
+                inputs["sam_pixel_values"] = batch["sam_pixel_values"].to(device)
+            micro += 1
+            sync = micro % cfg.grad_accum == 0 or index == len(batches) - 1
+            with accelerator.autocast():
+                if sync:
+                    out = model(**inputs)
+                    accelerator.backward(out.loss / cfg.grad_accum)
+                else:
+                    with accelerator.no_sync(model):
+                        out = model(**inputs)
+                        accelerator.backward(out.loss / cfg.grad_accum)
+            progress.batch_in_epoch = index + 1
+            window_samples += len(samples) * world
+            progress.samples_seen += len(samples) * world
+            progress.epoch_losses.append(float(out.loss.detach()))
+            if not sync:
+                continue
+
+            # Phase 3: optimizer step with clipping and the scheduled learning rate.
+            lr = lr_at(progress.step, total_steps, cfg.warmup_steps, cfg.lr_scheduler,
+                       cfg.learning_rate)  # fmt: skip
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+
+            # Phase 4: log, evaluate, checkpoint, stop.
+            if progress.step % cfg.log_every == 0 or progress.step == total_steps:
+                elapsed = time.monotonic() - window_start
+                per_step = (time.monotonic() - run_start) / max(1, progress.step - start_step)
+                events.emit(
+                    "log", step=progress.step, epoch=progress.epoch,
+                    loss=float(out.loss.detach()), ce_loss=_num(out.ce_loss),
+                    bce_loss=_num(out.bce_loss), dice_loss=_num(out.dice_loss), lr=lr,
+                    samples_per_sec=window_samples / max(elapsed, 1e-9),
+                    memory_mb=round(peak_memory_mb(device), 1), total_steps=total_steps,
+                    eta_seconds=round(per_step * (total_steps - progress.step), 1),
+                    embedding_cache=_cache_stats(cache),
+                )  # fmt: skip
+                window_start, window_samples = time.monotonic(), 0
+            stopping = stop.should_stop(accelerator)
+            if progress.step % eval_every == 0 or progress.step >= total_steps or stopping:
+                last_metrics = evaluate_now()
+                value = last_metrics[cfg.select_metric]
+                if value > progress.best_metric:
+                    progress.best_metric = value
+                    progress.evals_without_improvement = 0
+                    save("best", last_metrics)
+                else:
+                    progress.evals_without_improvement += 1
+                if not cfg.save_best_only:
+                    save("last", last_metrics)
+                events.save_history() if is_main_rank else None
+                if cfg.patience and progress.evals_without_improvement >= cfg.patience:
+                    events.emit("early_stop", step=progress.step, patience=cfg.patience)
+                    done = True
+            if stopping:
+                status = "stopped"
+                done = True
+            if progress.step >= total_steps:
+                done = True
+            if done:
+                break
+        if not done or progress.batch_in_epoch >= len(batches):
+            _end_epoch(events, progress, last_metrics, cache, is_main_rank)
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+
+    # Phase 5: final checkpoint, epoch summary, curves, export.
+    if progress.batch_in_epoch:
+        _end_epoch(events, progress, last_metrics, cache, is_main_rank)
+    if status == "stopped" or cfg.save_best_only is False and not _saved_at(cfg, progress.step):
+        save("last", last_metrics)
+    if is_main_rank:
+        events.save_history()
+        if cfg.export_model and cfg.model.train_all:
+            _export_best(cfg, loaded, core)
+    events.emit("end", status=status, error=None, step=progress.step,
+                best_metric=progress.best_metric, peak_memory_mb=round(peak_memory_mb(device), 1))  # fmt: skip
+    return status
+
+
+def _saved_at(cfg: TrainConfig, step: int) -> bool:
+    """Whether checkpoints/last already holds this step (saved at the final evaluation)."""
+    state = cfg.output_dir / "checkpoints" / "last" / "trainer_state.json"
+    try:
+        return load_trainer_state(state.parent)["step"] == step
+    except (ValueError, OSError, KeyError):
+        return False
+
+
+def _num(value) -> float | None:
+    return None if value is None else float(value.detach())
+
+
+def _cache_stats(cache: EmbeddingCache | None) -> dict | None:
+    return None if cache is None else {"hits": cache.hits, "misses": cache.misses}
+
+
+def _end_epoch(events: EventLog, progress: Progress, metrics, cache, is_main: bool) -> None:
+    losses = progress.epoch_losses
+    summary = {
+        "epoch": progress.epoch,
+        "step": progress.step,
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "val": metrics,
+        "embedding_cache": _cache_stats(cache),
+    }
+    events.emit("epoch_end", **summary)
+    if is_main:
+        events.write_json(f"metrics_epoch_{progress.epoch}.json", summary)
+    progress.epoch_losses = []
+
+
+def _export_best(cfg: TrainConfig, loaded: LoadedLisa, core) -> None:
+    from lisa_demo.checkpoint import load_trainable_state
+
+    best = cfg.output_dir / "checkpoints" / "best"
+    if best.exists():
+        load_trainable_state(best, core)
+    path = save_full_model(loaded, cfg.output_dir / "model")
+    print(f"exported the best model to {path}")

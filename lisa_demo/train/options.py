@@ -1,0 +1,241 @@
+"""Training options: one typed dataclass, validated before any model is loaded, and its CLI.
+
+Every flag is accepted in the dashed spelling (--max-train-samples) and the underscore
+spelling of the LISA seed scripts (--max_train_samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lisa_demo.config import (
+    PRECISIONS,
+    PRESETS,
+    QUANTIZATIONS,
+    ConfigError,
+    LossWeights,
+    ModelConfig,
+    preset,
+)
+
+SCHEDULERS = ("cosine", "linear", "constant")
+METRICS = ("giou", "ciou")
+
+
+@dataclass
+class TrainConfig:
+    """One training run."""
+
+    output_dir: Path
+    model: ModelConfig
+    dataset: Path | None = None  # folder with train/ and val/ (ReasonSeg layout)
+    synthetic: int = 0  # generate this many synthetic train scenes instead (val: a quarter)
+    synthetic_seed: int = 0
+    exclude_concept: str | None = None  # synthetic: leave this concept out
+    focus_concept: str | None = None  # synthetic: every target has this concept
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0 = run the epochs
+    max_minutes: float = 0.0  # wall-clock budget; 0 = none (stops like SIGTERM)
+    batch_size: int = 2
+    grad_accum: int = 1
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    max_train_samples: int = 0  # 0 = all
+    max_val_samples: int = 0
+    queries: str = "all"  # all paraphrases (LISA default here) | random: one per image/epoch
+    num_workers: int = 0
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = once per epoch
+    seg_rate_samples: int = 4  # generated answers checked for [SEG] at each evaluation
+    log_every: int = 1
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never
+    select_metric: str = "giou"
+    save_best_only: bool = False
+    resume: Path | None = None
+    seed: int = 42
+    embedding_cache_dir: Path | None = None  # on-disk SAM embedding cache (frozen encoder)
+    no_embedding_cache: bool = False
+    export_model: bool = False  # full training: also write OUT/model as a loadable base
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dataset is None and self.synthetic <= 0:
+            raise ConfigError("give a dataset folder (--dataset DIR) or --synthetic N")
+        if self.dataset is not None and self.synthetic > 0:
+            raise ConfigError("use either --dataset or --synthetic, not both")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("--epochs is 0 and no --max-steps: nothing to train")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in (
+            "max_steps",
+            "warmup_steps",
+            "max_train_samples",
+            "max_val_samples",
+            "eval_every",
+            "patience",
+            "num_workers",
+            "weight_decay",
+            "max_minutes",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")  # fmt: skip
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ConfigError(f"--lr-scheduler must be one of {SCHEDULERS}")
+        if self.select_metric not in METRICS:
+            raise ConfigError(f"--metric must be one of {METRICS}")
+        if self.queries not in ("all", "random"):
+            raise ConfigError("--queries must be all or random")
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        return _jsonable(out)
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _add(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
+    """Register --dashed-name and --underscored_name for one option."""
+    flags = [f"--{name}"]
+    if "-" in name:
+        flags.append(f"--{name.replace('-', '_')}")
+    parser.add_argument(*flags, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lisa_demo.train",
+        description="Fine-tune LISA (QLoRA LLaVA + SAM mask decoder) or pretrain the tiny model.",
+    )
+    _add(p, "dataset", type=Path, help="folder with train/ and val/ in the ReasonSeg layout")
+    _add(p, "synthetic", type=int, default=0, help="generate N synthetic train scenes instead")
+    _add(p, "synthetic-seed", type=int, default=0)
+    _add(p, "exclude-concept", default=None, help="synthetic: leave a shape/colour word out")
+    _add(p, "focus-concept", default=None, help="synthetic: every target has this concept")
+    _add(p, "output-dir", type=Path, required=True)
+    _add(p, "preset", default="tiny", help=f"model preset: {', '.join(PRESETS)}")
+    _add(p, "llava", default=None, help="LLaVA Hub id or folder (overrides the preset)")
+    _add(p, "sam", default=None, help="SAM Hub id or folder (overrides the preset)")
+    _add(p, "quantization", choices=QUANTIZATIONS, default=None)
+    _add(p, "precision", choices=PRECISIONS, default=None)
+    _add(p, "use-lora", action=argparse.BooleanOptionalAction, default=None)
+    _add(p, "lora-r", type=int, default=None)
+    _add(p, "lora-alpha", type=int, default=None)
+    _add(p, "lora-dropout", type=float, default=None)
+    _add(p, "lora-targets", nargs="+", default=None, help="e.g. q_proj v_proj")
+    _add(p, "train-all", action="store_true", help="pretraining: every weight trains")
+    _add(p, "gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    _add(p, "epochs", type=int, default=1)
+    _add(p, "max-steps", type=int, default=0)
+    _add(p, "max-minutes", type=float, default=0.0)
+    _add(p, "batch-size", type=int, default=2)
+    _add(p, "grad-accum", type=int, default=1)
+    _add(p, "learning-rate", type=float, default=3e-4)
+    _add(p, "weight-decay", type=float, default=0.0)
+    _add(p, "lr-scheduler", choices=SCHEDULERS, default="linear")
+    _add(p, "warmup-steps", type=int, default=0)
+    _add(p, "max-grad-norm", type=float, default=1.0)
+    _add(p, "max-train-samples", type=int, default=0)
+    _add(p, "max-val-samples", type=int, default=0)
+    _add(p, "queries", choices=("all", "random"), default="all")
+    _add(p, "num-workers", type=int, default=0)
+    _add(p, "eval-every", type=int, default=0)
+    _add(p, "seg-rate-samples", type=int, default=4)
+    _add(p, "log-every", type=int, default=1)
+    _add(p, "patience", type=int, default=0)
+    _add(p, "metric", choices=METRICS, default="giou", help="selects the best checkpoint")
+    _add(p, "save-best-only", action="store_true")
+    _add(p, "resume", type=Path, default=None, help="run folder or checkpoint to continue")
+    _add(p, "seed", type=int, default=42)
+    _add(p, "ce-weight", type=float, default=1.0)
+    _add(p, "bce-weight", type=float, default=2.0)
+    _add(p, "dice-weight", type=float, default=0.5)
+    _add(p, "embedding-cache-dir", type=Path, default=None)
+    _add(p, "no-embedding-cache", action="store_true")
+    _add(p, "export-model", action="store_true", help="full training: write OUT/model")
+    return p
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    cfg = preset(args.preset)
+    changes: dict[str, object] = {}
+    for name in (
+        "llava",
+        "sam",
+        "quantization",
+        "precision",
+        "use_lora",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "gradient_checkpointing",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value  # fmt: skip
+    if args.llava or args.sam:
+        changes["build_tiny"] = False
+        changes["heads"] = cfg.heads if not (args.llava and args.sam) else None
+    if args.lora_targets:
+        changes["lora_targets"] = tuple(args.lora_targets)
+    if args.train_all:
+        changes.update(train_all=True, use_lora=False, quantization="none")
+    elif "use_lora" not in changes:
+        changes["use_lora"] = True  # fine-tuning default: LoRA on the language model
+    changes["losses"] = LossWeights(args.ce_weight, args.bce_weight, args.dice_weight)
+    return cfg.replace(**changes)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse and validate; raises ConfigError (one clear line) on nonsense."""
+    args = build_parser().parse_args(argv)
+    return TrainConfig(
+        output_dir=args.output_dir,
+        model=model_config_from_args(args),
+        dataset=args.dataset,
+        synthetic=args.synthetic,
+        synthetic_seed=args.synthetic_seed,
+        exclude_concept=args.exclude_concept,
+        focus_concept=args.focus_concept,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        lr_scheduler=args.lr_scheduler,
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm,
+        max_train_samples=args.max_train_samples,
+        max_val_samples=args.max_val_samples,
+        queries=args.queries,
+        num_workers=args.num_workers,
+        eval_every=args.eval_every,
+        seg_rate_samples=args.seg_rate_samples,
+        log_every=args.log_every,
+        patience=args.patience,
+        select_metric=args.metric,
+        save_best_only=args.save_best_only,
+        resume=args.resume,
+        seed=args.seed,
+        embedding_cache_dir=args.embedding_cache_dir,
+        no_embedding_cache=args.no_embedding_cache,
+        export_model=args.export_model,
+    )
