@@ -44,9 +44,10 @@ class LossWeights:
     ce: float = 1.0  # text cross-entropy on the answer tokens
     bce: float = 2.0  # per-pixel sigmoid BCE, mean over pixels then masks
     dice: float = 0.5  # Dice per mask, mean over masks
+    iou: float = 0.0  # not in LISA: MSE teaching SAM's IoU head to predict the true IoU
 
     def __post_init__(self) -> None:
-        for name in ("ce", "bce", "dice"):
+        for name in ("ce", "bce", "dice", "iou"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss weight {name} must be >= 0, got {getattr(self, name)}")
 

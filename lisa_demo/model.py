@@ -58,6 +58,16 @@ def upsample_mask_logits(
     return x.squeeze(1)
 
 
+def hard_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """IoU of the thresholded masks with {0, 1} targets, per mask, without gradient. -> [n]"""
+    with torch.no_grad():
+        pred = logits > 0
+        truth = targets > 0.5
+        inter = (pred & truth).flatten(1).sum(1).float()
+        union = (pred | truth).flatten(1).sum(1).float()
+        return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
 @dataclass
 class LisaOutput(ModelOutput):
     """One forward pass. Mask lists hold one entry per sample, masks at original size.
@@ -69,6 +79,7 @@ class LisaOutput(ModelOutput):
     ce_loss: torch.Tensor | None = None
     bce_loss: torch.Tensor | None = None
     dice_loss: torch.Tensor | None = None
+    iou_loss: torch.Tensor | None = None
     mask_logits: list[torch.Tensor] | None = None  # each [n_i, H_i, W_i]
     scores: list[torch.Tensor] | None = None  # each [n_i], SAM's predicted IoU
     mask_count: int | None = None
@@ -198,8 +209,9 @@ class LisaModel(nn.Module):
         return result
 
     def _add_losses(self, result: LisaOutput, gt_masks: Sequence[torch.Tensor]) -> None:
-        bce_terms, dice_terms = [], []
-        for logits, target in zip(result.mask_logits, gt_masks, strict=True):
+        bce_terms, dice_terms, iou_terms = [], [], []
+        pairs = zip(result.mask_logits, result.scores, gt_masks, strict=True)
+        for logits, scores, target in pairs:
             if logits.shape[0] != target.shape[0]:
                 raise ValueError(
                     f"{logits.shape[0]} [SEG] tokens but {target.shape[0]} ground-truth masks"
@@ -208,6 +220,7 @@ class LisaModel(nn.Module):
                 target = target.to(logits.device, logits.dtype)
                 bce_terms.append(sigmoid_bce_per_mask(logits, target))
                 dice_terms.append(dice_per_mask(logits, target))
+                iou_terms.append((scores - hard_iou(logits, target)) ** 2)
         w = self.loss_weights
         ce = result.ce_loss
         if bce_terms:
@@ -218,4 +231,7 @@ class LisaModel(nn.Module):
             result.bce_loss = zero
             result.dice_loss = zero
         loss = w.bce * result.bce_loss + w.dice * result.dice_loss
+        if w.iou and iou_terms:
+            result.iou_loss = torch.cat(iou_terms).mean()
+            loss = loss + w.iou * result.iou_loss
         result.loss = loss + w.ce * ce if ce is not None else loss

@@ -302,7 +302,8 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
                 events.emit(
                     "log", step=progress.step, epoch=progress.epoch,
                     loss=float(out.loss.detach()), ce_loss=_num(out.ce_loss),
-                    bce_loss=_num(out.bce_loss), dice_loss=_num(out.dice_loss), lr=lr,
+                    bce_loss=_num(out.bce_loss), dice_loss=_num(out.dice_loss),
+                    iou_loss=_num(out.iou_loss), lr=lr,
                     samples_per_sec=window_samples / max(elapsed, 1e-9),
                     memory_mb=round(peak_memory_mb(device), 1), total_steps=total_steps,
                     eta_seconds=round(per_step * (total_steps - progress.step), 1),

@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "ce-weight", type=float, default=1.0)
     _add(p, "bce-weight", type=float, default=2.0)
     _add(p, "dice-weight", type=float, default=0.5)
+    _add(p, "iou-weight", type=float, default=0.0, help="train SAM's IoU head (not in LISA)")
     _add(p, "embedding-cache-dir", type=Path, default=None)
     _add(p, "no-embedding-cache", action="store_true")
     _add(p, "export-model", action="store_true", help="full training: write OUT/model")
@@ -198,7 +199,9 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         changes.update(train_all=True, use_lora=False, quantization="none")
     elif "use_lora" not in changes:
         changes["use_lora"] = True  # fine-tuning default: LoRA on the language model
-    changes["losses"] = LossWeights(args.ce_weight, args.bce_weight, args.dice_weight)
+    changes["losses"] = LossWeights(
+        args.ce_weight, args.bce_weight, args.dice_weight, args.iou_weight
+    )
     return cfg.replace(**changes)
 
 
