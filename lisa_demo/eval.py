@@ -1,0 +1,159 @@
+"""Score segmentation masks on a ReasonSeg folder with LISA's gIoU and cIoU.
+
+    python -m lisa_demo.eval --dataset DIR/val --predictions PRED_DIR [--json] [--all-queries]
+
+PRED_DIR holds one PNG per scored query: NAME.png for each image's first query (LISA's
+protocol), or NAME_q{index}.png (0-based query index) for every query with --all-queries.
+Non-zero pixels are foreground. A missing file counts as an empty mask and is reported on
+stderr. Ignore pixels of the ground truth are excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lisa_demo.data.reasonseg import DataError, ReasonSegDataset, Sample
+from lisa_demo.metrics import IoUAccumulator, intersection_union
+
+
+class PredictionError(ValueError):
+    """A prediction file that cannot be scored; the message names the file."""
+
+
+def prediction_name(sample: Sample, all_queries: bool) -> str:
+    """File name of the sample's prediction: NAME.png, or NAME_q{index}.png for all queries."""
+    name = sample.record.name
+    return f"{name}_q{sample.query_index}.png" if all_queries else f"{name}.png"
+
+
+def load_prediction(path: Path, height: int, width: int) -> np.ndarray:
+    """Read a prediction mask: bool [height, width], True where any non-alpha band is non-zero.
+
+    Raises:
+        PredictionError: unreadable file, or a size other than the image's.
+    """
+    try:
+        with Image.open(path) as image:
+            pixels = np.array(image)
+            colour_bands = [i for i, band in enumerate(image.getbands()) if band != "A"]
+    except (OSError, SyntaxError, ValueError) as error:
+        raise PredictionError(f"cannot read prediction {path}: {error}") from error
+    if pixels.shape[:2] != (height, width):
+        raise PredictionError(
+            f"prediction {path} is {pixels.shape[1]}x{pixels.shape[0]} (WxH) but its image is "
+            f"{width}x{height}; save masks at the original image size"
+        )
+    if pixels.ndim == 3:
+        return pixels[..., colour_bands].any(axis=-1)  # alpha is not a foreground signal
+    return pixels != 0
+
+
+def score_prediction_folder(
+    dataset: ReasonSegDataset | Path | str, pred_dir: Path | str, all_queries: bool = False
+) -> tuple[IoUAccumulator, list[str], list[dict]]:
+    """Score the PNG masks in pred_dir against a ReasonSeg folder.
+
+    Args:
+        dataset: a ReasonSeg folder, or a dataset whose samples are scored as they are.
+        all_queries: score every query (NAME_q{index}.png) instead of the first (NAME.png).
+
+    Returns:
+        the accumulator (gIoU, cIoU, n), the missing prediction file names (scored as empty
+        masks), and one dict per sample: name, query_index, query, prediction, intersection,
+        union, iou, missing.
+    """
+    if not isinstance(dataset, ReasonSegDataset):
+        dataset = ReasonSegDataset(dataset, queries="all" if all_queries else "first")
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise PredictionError(f"prediction folder {pred_dir} does not exist")
+    accumulator, missing, per_sample = IoUAccumulator(), [], []
+    for sample in dataset:
+        record = sample.record
+        file_name = prediction_name(sample, all_queries)
+        path = pred_dir / file_name
+        found = path.is_file()
+        if found:
+            pred = load_prediction(path, record.height, record.width)
+        else:
+            missing.append(file_name)
+            pred = np.zeros((record.height, record.width), dtype=bool)
+        intersection, union = intersection_union(pred, record.load_mask())
+        iou = accumulator.add_counts(intersection, union)
+        per_sample.append(
+            {
+                "name": record.name,
+                "query_index": sample.query_index,
+                "query": sample.query,
+                "prediction": file_name,
+                "intersection": intersection,
+                "union": union,
+                "iou": iou,
+                "missing": not found,
+            }
+        )
+    return accumulator, missing, per_sample
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: a dataset, and either a prediction folder or (later) a checkpoint to run."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lisa_demo.eval",
+        description="gIoU and cIoU on a ReasonSeg folder (ignore pixels excluded).",
+    )
+    parser.add_argument("--dataset", type=Path, required=True, help="ReasonSeg split folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--predictions", type=Path, metavar="PRED_DIR", help="folder of NAME.png masks"
+    )
+    source.add_argument("--checkpoint", type=Path, help="score a model checkpoint instead")
+    parser.add_argument(
+        "--all-queries",
+        action="store_true",
+        help="score every query (NAME_q{index}.png) instead of each image's first (NAME.png)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _report(accumulator: IoUAccumulator, missing: list[str], as_json: bool) -> None:
+    if missing:
+        shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+        print(f"missing {len(missing)} predictions, scored as empty: {shown}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({**accumulator.as_dict(), "missing": missing}))
+    else:
+        print(f"gIoU {accumulator.giou:.4f}  cIoU {accumulator.ciou:.4f}  n {accumulator.count}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 1 bad data, 2 unsupported request)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.checkpoint is not None:
+        print("model scoring: see lisa_demo.train", file=sys.stderr)
+        return 2
+    try:
+        queries = "all" if args.all_queries else "first"
+        dataset = ReasonSegDataset(args.dataset, queries=queries)
+        print(dataset.report.summary(), file=sys.stderr)
+        accumulator, missing, _ = score_prediction_folder(
+            dataset, args.predictions, args.all_queries
+        )
+    except (DataError, PredictionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    _report(accumulator, missing, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

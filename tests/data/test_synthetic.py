@@ -1,0 +1,219 @@
+"""Synthetic scenes: determinism, ReasonSeg round trip, concept control, unique targets."""
+
+import json
+import random
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from lisa_demo.data.reasonseg import read_records
+from lisa_demo.data.synthetic import (
+    COLOURS,
+    CONCEPTS,
+    FAMILIES,
+    FUNCTIONS,
+    SHAPE_KINDS,
+    generate_dataset,
+    generate_scene,
+    main,
+)
+
+
+def scenes(count: int, seed: int = 0, **kwargs) -> list[tuple[np.ndarray, dict]]:
+    return [generate_scene(random.Random(seed * 10_000 + i), **kwargs) for i in range(count)]
+
+
+def mentions(text: str, word: str) -> bool:
+    return re.search(rf"\b{re.escape(word)}\b", text, flags=re.IGNORECASE) is not None
+
+
+def target_of(annotation: dict) -> dict:
+    (target,) = [obj for obj in annotation["objects"] if obj["target"]]
+    return target
+
+
+def looks(annotation: dict, *keys: str) -> list[tuple]:
+    return [tuple(obj[k] for k in keys) for obj in annotation["objects"]]
+
+
+@pytest.fixture(scope="module")
+def many() -> list[tuple[np.ndarray, dict]]:
+    return scenes(150)
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
+    splits = {"train": 4, "val": 2}
+    for folder, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert generate_dataset(tmp_path / folder, splits, seed) == splits
+
+    def contents(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.*"))}
+
+    first, second, other = (contents(tmp_path / name) for name in "abc")
+    assert len(first) == 12 and first == second
+    assert first.keys() == other.keys()
+    assert all(first[name] != other[name] for name in first)
+    assert first["train/train_00000.json"] != first["val/val_00000.json"]  # split seeds differ
+
+
+def test_output_reads_back_as_reasonseg_with_nonempty_targets(tmp_path):
+    generate_dataset(tmp_path, {"train": 12, "val": 4, "test": 3}, seed=1)
+    for split, count in (("train", 12), ("val", 4), ("test", 3)):
+        records, report = read_records(tmp_path / split)
+        assert report.skipped == {} and report.empty_targets == 0 and report.dropped_polygons == 0
+        assert len(records) == count
+        for record in records:
+            assert record.family in FAMILIES and 1 <= len(record.queries) <= 5
+            mask = record.load_mask()
+            assert (mask == 1).any()
+            target = target_of(json.loads(record.json_path.read_text()))
+            # The annotation sits on the target's pixels: inner pixels have its colour.
+            inner = cv2.erode((mask == 1).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+            mean = record.load_image()[inner].mean(axis=0)
+            assert np.abs(mean - COLOURS[target["colour"]]).max() < 25
+
+
+def test_scene_layout_sizes_and_query_mix(many):
+    families, sentences, ignores = set(), 0, 0
+    for image, annotation in many:
+        height, width, _ = image.shape
+        assert image.dtype == np.uint8 and 192 <= height <= 320 and 192 <= width <= 320
+        assert height != width
+        assert 3 <= len(annotation["objects"]) <= 6
+        labels = {shape["label"] for shape in annotation["shapes"]}
+        assert "target" in labels and labels <= {"target", "ignore"}
+        ignores += "ignore" in labels
+        families.add(annotation["family"])
+        sentences += annotation["is_sentence"]
+        texts = annotation["text"]
+        assert 1 <= len(texts) <= 5 and len(set(texts)) == len(texts)
+        assert all(text.endswith(("?", ".")) == annotation["is_sentence"] for text in texts)
+    assert families == set(FAMILIES)
+    assert 0.35 < sentences / len(many) < 0.65
+    assert 0.05 < ignores / len(many) < 0.3
+
+
+def test_targets_are_not_tiny(many):
+    from lisa_demo.data.reasonseg import rasterize_shapes
+
+    for image, annotation in many:
+        height, width, _ = image.shape
+        mask = rasterize_shapes(annotation["shapes"], height, width)
+        assert np.count_nonzero(mask == 1) >= (0.1 * min(height, width)) ** 2
+
+
+def test_queries_determine_the_target(many):
+    for _, annotation in many:
+        target, family = target_of(annotation), annotation["family"]
+        text = " ".join(annotation["text"])
+        if family == "attribute":
+            key = ("kind", "colour", "size")
+            assert looks(annotation, *key).count(tuple(target[k] for k in key)) == 1
+            assert mentions(text, target["kind"]) and mentions(text, target["colour"])
+        elif family == "uniqueness":
+            by = "kind" if mentions(text, target["kind"]) else "colour"
+            assert mentions(text, target[by]) and looks(annotation, by).count((target[by],)) == 1
+        elif family == "function":
+            same_kind = looks(annotation, "kind").count((target["kind"],))
+            assert same_kind == 1 or mentions(text, target["colour"])
+            assert not mentions(text, target["kind"])
+        elif family == "spatial":
+            check_spatial(annotation)
+        else:
+            check_superlative(annotation)
+
+
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "above": (0, -1), "below": (0, 1)}
+WORDS = {"beneath": "below", "under": "below", "over": "above"}
+
+
+def check_spatial(annotation: dict) -> None:
+    """The reference look is unique; the target is nearest in its direction, by a margin."""
+    query = annotation["text"][0]
+    colour, kind = re.search(r"the (\w+) (\w+)[?.]?$", query).groups()
+    assert looks(annotation, "colour", "kind").count((colour, kind)) == 1
+    # "right above" means directly above: vertical words win over "right".
+    vertical = re.search(r"\b(above|below|beneath|under|over)\b", query)
+    word = (vertical or re.search(r"\b(left|right)\b", query)).group()
+    dx, dy = DIRECTIONS[WORDS.get(word, word)]
+    (ref,) = [o for o in annotation["objects"] if (o["colour"], o["kind"]) == (colour, kind)]
+    distances = {}
+    for obj in annotation["objects"]:
+        vx, vy = obj["centre"][0] - ref["centre"][0], obj["centre"][1] - ref["centre"][1]
+        distance = np.hypot(vx, vy)
+        if obj is not ref and (vx * dx + vy * dy) >= distance * np.cos(np.radians(60)):
+            distances[obj["target"]] = min(distances.get(obj["target"], np.inf), distance)
+    assert distances[True] * 1.5 < distances.get(False, np.inf)
+
+
+def check_superlative(annotation: dict) -> None:
+    """No other shape of the named group matches the target on the superlative."""
+    target, text = target_of(annotation), " ".join(annotation["text"])
+    group = [
+        o
+        for o in annotation["objects"]
+        if not o["target"]
+        and all(o[k] == target[k] for k in ("colour", "kind") if mentions(text, target[k]))
+    ]
+    assert group
+    if re.search(r"larg|big", text):
+        assert target["size"] == "large" and all(o["size"] != "large" for o in group)
+    elif re.search(r"small|tini", text):
+        assert target["size"] == "small" and all(o["size"] != "small" for o in group)
+    else:
+        word = re.search(r"left|right|top|highest|bottom|lowest", text).group()
+        axis, sign = {"left": (0, 1), "right": (0, -1), "top": (1, 1), "highest": (1, 1)}.get(
+            word, (1, -1)
+        )
+        assert all(sign * (o["centre"][axis] - target["centre"][axis]) > 20 for o in group)
+
+
+def test_function_descriptions_name_no_concept():
+    for kind, clauses in FUNCTIONS.items():
+        assert kind in SHAPE_KINDS
+        for clause in clauses:
+            assert not [c for c in CONCEPTS if mentions(clause, c)], clause
+
+
+@pytest.mark.parametrize("concept", ["red", "star"])
+def test_excluded_concept_never_appears(tmp_path, concept):
+    generate_dataset(tmp_path, {"train": 40}, seed=2, exclude_concept=concept)
+    for path in (tmp_path / "train").glob("*.json"):
+        annotation = json.loads(path.read_text())
+        assert not any(mentions(text, concept) for text in annotation["text"])
+        assert all(concept not in (obj["kind"], obj["colour"]) for obj in annotation["objects"])
+        assert all(shape["label"] in ("target", "ignore") for shape in annotation["shapes"])
+
+
+@pytest.mark.parametrize("concept", ["triangle", "blue"])
+def test_focus_concept_is_in_every_target_and_query(concept):
+    for _, annotation in scenes(40, seed=3, focus_concept=concept):
+        target = target_of(annotation)
+        assert concept in (target["kind"], target["colour"])
+        assert all(mentions(text, concept) for text in annotation["text"])
+
+
+def test_unknown_or_conflicting_concepts_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="known concepts: circle, square"):
+        generate_dataset(tmp_path, {"val": 1}, seed=0, exclude_concept="unicorn")
+    with pytest.raises(ValueError, match="both excluded"):
+        generate_scene(random.Random(0), exclude_concept="red", focus_concept="red")
+    assert main(["--out", str(tmp_path), "--train", "1", "--val", "1", "--focus-concept", "x"]) == 2
+    assert "known concepts" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_writes_splits_and_refuses_a_non_empty_folder(tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--train", "2", "--val", "1", "--test", "1", "--seed", "5"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "2 train, 1 val, 1 test" in out
+    assert sorted(p.name for p in (tmp_path / "val").iterdir()) == [
+        "val_00000.jpg",
+        "val_00000.json",
+    ]
+    assert main(argv) == 2
+    assert "not empty" in capsys.readouterr().err
