@@ -242,10 +242,11 @@ def _random_size(rng: random.Random, *avoid: str) -> str:
     return rng.choices(sizes, weights)[0]
 
 
-def _target_look(rng: random.Random, vocab: _Vocabulary, size: str | None = None) -> SceneObject:
+def _target_look(rng: random.Random, vocab: _Vocabulary) -> SceneObject:
+    """A random look that has the focus concept, if any."""
     kind = vocab.focus_kind or rng.choice(vocab.kinds)
     colour = vocab.focus_colour or rng.choice(vocab.colours)
-    return SceneObject(kind, colour, size or _random_size(rng))
+    return SceneObject(kind, colour, _random_size(rng))
 
 
 def _random_look(rng: random.Random, vocab: _Vocabulary) -> SceneObject:
@@ -363,19 +364,35 @@ _SUPERLATIVES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "leftmost": (
         ("the leftmost {g}", "the {g} furthest to the left", "the {g} nearest the left edge"),
-        ("Which {g} is furthest to the left?", "Which {g} is closest to the left edge?"),
+        (
+            "Which {g} is furthest to the left?",
+            "Which {g} is closest to the left edge?",
+            "Can you find the leftmost {g}?",
+        ),
     ),
     "rightmost": (
         ("the rightmost {g}", "the {g} furthest to the right", "the {g} nearest the right edge"),
-        ("Which {g} is furthest to the right?", "Which {g} is closest to the right edge?"),
+        (
+            "Which {g} is furthest to the right?",
+            "Which {g} is closest to the right edge?",
+            "Can you find the rightmost {g}?",
+        ),
     ),
     "topmost": (
         ("the topmost {g}", "the highest {g}", "the {g} nearest the top edge"),
-        ("Which {g} is the highest in the image?", "Which {g} is closest to the top edge?"),
+        (
+            "Which {g} is the highest in the image?",
+            "Which {g} is closest to the top edge?",
+            "Can you find the topmost {g}?",
+        ),
     ),
     "bottommost": (
         ("the bottommost {g}", "the lowest {g}", "the {g} nearest the bottom edge"),
-        ("Which {g} is the lowest in the image?", "Which {g} is closest to the bottom edge?"),
+        (
+            "Which {g} is the lowest in the image?",
+            "Which {g} is closest to the bottom edge?",
+            "Can you find the bottommost {g}?",
+        ),
     ),
 }
 # For position superlatives: (axis, sign) so that sign * coordinate is smallest for the target.
@@ -446,9 +463,9 @@ def _place_position_superlative(
     outsiders: list[SceneObject],
 ) -> bool:
     """The target is clearly the most extreme of its group; an outsider is more extreme still."""
-    extent = canvas.width if _EXTREMES[measure][0] == 0 else canvas.height
-    middle = SceneObject("circle", "red", "small", x=canvas.width / 2, y=canvas.height / 2)
-    half = _extremeness(middle, measure)  # keep the target in the first half of that direction
+    axis, sign = _EXTREMES[measure]
+    extent = (canvas.width, canvas.height)[axis]
+    half = sign * extent / 2  # the target sits in the first half of that direction
     if not canvas.place(target, lambda o: _extremeness(o, measure) < half):
         return False
     centre, edge = _extremeness(target, measure), _extremeness(target, measure, edge=True)
@@ -602,15 +619,21 @@ def _image_size(rng: random.Random) -> tuple[int, int]:
 
 
 def _background(rng: random.Random, height: int, width: int) -> tuple[np.ndarray, str]:
-    """float32 [height, width, 3] light background (plain, gradient, stripes or noise)."""
-    base = np.array([rng.uniform(215, 250) for _ in range(3)], dtype=np.float32)
+    """float32 [height, width, 3] light background (plain, gradient, stripes or noise).
+
+    Colours stay close to grey, so that no background reads as one of the named COLOURS.
+    """
+    grey = rng.uniform(222, 245)
+    base = np.array([grey + rng.uniform(-8, 8) for _ in range(3)], dtype=np.float32)
     style = rng.choice(("plain", "gradient", "stripes", "noise"))
     image = np.broadcast_to(base, (height, width, 3)).astype(np.float32)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     theta = rng.uniform(0, 2 * math.pi)
     along = xs * math.cos(theta) + ys * math.sin(theta)
     if style == "gradient":
-        other = np.clip(base + [rng.uniform(-30, 30) for _ in range(3)], 195, 255)
+        other = np.clip(
+            base + rng.uniform(-25, 25) + [rng.uniform(-6, 6) for _ in range(3)], 195, 255
+        )
         t = ((along - along.min()) / max(float(np.ptp(along)), 1.0))[..., None]
         image = base * (1 - t) + other * t
     elif style == "stripes":
