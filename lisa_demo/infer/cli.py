@@ -1,0 +1,176 @@
+"""Command line segmentation: one image, one question, one PNG per mask.
+
+    python -m lisa_demo.infer --image cat.jpg --query "Which animal could catch mice?"
+    python -m lisa_demo.infer --image cat.jpg --query "..." --preset tiny-random --json
+    python -m lisa_demo.infer --image cat.jpg --query "..." --checkpoint runs/x/checkpoints/best
+
+Errors a user can cause (a bad image, query, model source, checkpoint or option) print one
+line "error: ..." on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lisa_demo.config import PRECISIONS, PRESETS, QUANTIZATIONS, ConfigError, ModelConfig, preset
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lisa_demo.infer",
+        description="Segment what a question asks about in an image (LISA: LLaVA + SAM).",
+    )
+    parser.add_argument("--image", required=True, help="image file (PNG, JPEG, WebP, ...)")
+    parser.add_argument("--query", required=True, help="the question, used verbatim")
+    parser.add_argument("--checkpoint", help="fine-tuned checkpoint folder written by training")
+    parser.add_argument(
+        "--preset", default="tiny", choices=list(PRESETS), help="model preset (default: tiny)"
+    )
+    parser.add_argument("--llava", help="LLaVA Hub id or local folder (overrides the preset's)")
+    parser.add_argument("--sam", help="SAM Hub id or local folder (overrides the preset's)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, help="default: the preset's")
+    parser.add_argument("--precision", choices=PRECISIONS, help="default: the preset's")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    parser.add_argument(
+        "--threshold", type=float, default=0.0, help="mask = logits > threshold (default: 0)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=48, help="answer length limit (default: 48)"
+    )
+    parser.add_argument(
+        "--out-dir", type=Path, help="where mask_<i>.png go (default: ./outputs/<image stem>)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The preset, with the sources, quantization and precision the user overrode."""
+    cfg = preset(args.preset)
+    if args.llava or args.sam:
+        llava, sam = cfg.llava, cfg.sam
+        if cfg.build_tiny and not (args.llava and args.sam):
+            from lisa_demo.loading import resolve_sources
+
+            llava, sam = resolve_sources(cfg)
+        # The preset's projection belongs to the preset's LLaVA: drop it with another LLaVA.
+        heads = None if args.llava else cfg.heads
+        cfg = cfg.replace(
+            llava=args.llava or llava, sam=args.sam or sam, heads=heads, build_tiny=False
+        )
+    changes = {}
+    if args.quantization:
+        changes["quantization"] = args.quantization
+    if args.precision:
+        changes["precision"] = args.precision
+    return cfg.replace(**changes) if changes else cfg
+
+
+def _check_device(device: str | None) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda, but no CUDA GPU is available; use --device cpu")
+
+
+def write_masks(masks: list, out_dir: Path) -> list[Path]:
+    """One 0/255 grayscale PNG per mask, at the original image size."""
+    import numpy as np
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, result in enumerate(masks):
+        path = out_dir / f"mask_{i}.png"
+        Image.fromarray(result.mask.astype(np.uint8) * 255).save(path)
+        files.append(path)
+    return files
+
+
+def summary(result, files: list[Path]) -> dict:
+    return {
+        "answer": result.answer,
+        "masks": [
+            {
+                "file": str(path),
+                "score": mask.score,
+                "area": int(mask.mask.sum()),
+                "area_fraction": mask.area_fraction,
+            }
+            for mask, path in zip(result.masks, files, strict=True)
+        ],
+        "timings": result.timings,
+        "cache_hit": result.cache_hit,
+        "message": result.message,
+    }
+
+
+def print_human(report: dict) -> None:
+    print(f"answer: {report['answer']}")
+    for i, mask in enumerate(report["masks"]):
+        print(
+            f"mask {i}: {mask['file']}  score {mask['score']:.3f}  "
+            f"area {mask['area']} px ({100 * mask['area_fraction']:.1f}%)"
+        )
+    t = report["timings"]
+    print(
+        f"time: {t['total']:.2f} s (image encoding {t['image_encoding']:.2f}, "
+        f"generation {t['generation']:.2f}, mask decoding {t['mask_decoding']:.2f})"
+    )
+    if report["message"]:
+        print(f"note: {report['message']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lisa_demo.infer.pipeline import LisaPipeline, load_image
+
+    cfg = model_config(args)
+    _check_device(args.device)
+    image = load_image(args.image)  # fail on a bad image before loading a model
+    pipeline = LisaPipeline.from_config(
+        cfg, checkpoint=args.checkpoint, device=args.device, max_new_tokens=args.max_new_tokens
+    )
+    result = pipeline.segment(image, args.query, threshold=args.threshold)
+    out_dir = args.out_dir or Path("outputs") / Path(args.image).stem
+    try:
+        files = write_masks(result.masks, out_dir)
+    except OSError as err:
+        message = f"cannot write masks to {out_dir}: {err}; pick another --out-dir"
+        raise ConfigError(message) from err
+    report = summary(result, files)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_human(report)
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """No progress bars or library chatter on a user's terminal."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        print("error: --max-new-tokens must be at least 1", file=sys.stderr)
+        return EXIT_USER_ERROR
+    _quiet_libraries()
+    from lisa_demo.checkpoint import CheckpointError
+    from lisa_demo.infer.pipeline import InputError
+    from lisa_demo.loading import ModelLoadError
+
+    try:
+        return run(args)
+    except (InputError, ModelLoadError, CheckpointError, ConfigError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR

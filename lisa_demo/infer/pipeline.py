@@ -1,0 +1,471 @@
+"""The numpy/PIL-facing segmentation API: image + question -> answer, masks, scores, timings.
+
+One `LisaPipeline` holds a loaded model, a lock the app serialises calls with, and an LRU cache
+of per-image encodings (SAM image embeddings and LLaVA's projected vision features), so a
+second question about the same image runs neither image encoder.
+
+Generation is greedy with the KV cache on. The `[SEG]` queries come out of the generation
+itself: the last-layer (post-norm) state that predicted a generated `[SEG]` is exactly LISA's
+"state just before `[SEG]`", so no second forward pass is needed.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lisa_demo.config import IMAGE_TOKEN, SEG_TOKEN, ModelConfig
+from lisa_demo.inputs import (
+    collate_text,
+    encode_image,
+    encode_text,
+    image_key,
+    image_token_count,
+)
+from lisa_demo.loading import LoadedLisa, load_lisa
+
+MAX_IMAGE_PIXELS = 40_000_000
+MAX_QUERY_CHARS = 1000
+_RESIZE_HINT = f"downscale it to at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels and try again"
+NO_SEG_MESSAGE = f"The model found nothing to segment: its answer has no {SEG_TOKEN} token."
+_WHITE = (255, 255, 255, 255)
+_HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+ImageSource = str | Path | bytes | np.ndarray | Image.Image
+
+
+class InputError(ValueError):
+    """Bad user input (image or query); the message says what was wrong and what to do."""
+
+
+# Images -------------------------------------------------------------------------------------
+def load_image(source: ImageSource) -> np.ndarray:
+    """Any supported image source -> HxWx3 uint8 RGB (a new array; the input is not modified).
+
+    Accepts a file path, encoded bytes, a PIL image or a numpy array (HxW, HxWx1, HxWx3 or
+    HxWx4, uint8 or bool). Grayscale, palette and 16-bit images are converted to RGB, images
+    with transparency are composited on white, and EXIF orientation is applied.
+
+    Raises:
+        InputError: missing or unreadable file, not an image, a damaged image, zero size, or
+            more than MAX_IMAGE_PIXELS pixels (checked from the header, before decoding).
+    """
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source)
+    if isinstance(source, Image.Image):
+        _check_size(source.size, "the image")
+        return _pil_to_rgb(source)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _decode(io.BytesIO(bytes(source)), "the uploaded data")
+    if isinstance(source, str | Path):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            raise InputError(f"{path} is a folder, not an image file; pass the path of an image")
+        if not path.is_file():
+            raise InputError(f"image file not found: {path}; check the path")
+        try:
+            with path.open("rb") as handle:
+                return _decode(handle, str(path))
+        except PermissionError as err:
+            raise InputError(f"cannot read {path}: permission denied") from err
+    raise InputError(
+        f"unsupported image type {type(source).__name__}; pass a file path, encoded bytes, "
+        "a numpy array or a PIL image"
+    )
+
+
+def _decode(stream, name: str) -> np.ndarray:
+    """Open lazily, check the header's size, then decode."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (or raises, above twice its limit) on huge headers; our own, lower
+            # limit below turns both into an InputError.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(stream) as image:
+                _check_size(image.size, name)
+                image.load()
+                return _pil_to_rgb(image)
+    except InputError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{name} is far too large to open ({err}); {_RESIZE_HINT}") from err
+    except UnidentifiedImageError as err:
+        raise InputError(
+            f"{name} is not an image this app can read; use a PNG, JPEG, WebP, BMP, GIF or TIFF "
+            "file"
+        ) from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise InputError(
+            f"{name} is damaged or truncated and cannot be decoded ({err}); re-save or "
+            "re-export the image and try again"
+        ) from err
+
+
+def _check_size(size: tuple[int, int], name: str) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise InputError(f"{name} has zero size ({width}x{height}); use a non-empty image")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"{name} is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than the "
+            f"{MAX_IMAGE_PIXELS // 1_000_000} megapixel limit; {_RESIZE_HINT}"
+        )
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    image = ImageOps.exif_transpose(image)  # a new image: the caller's is left alone
+    if image.mode in _HIGH_DEPTH_MODES:
+        # PIL's own conversion clips 16-bit values at 255; rescale to 8 bits instead.
+        gray = np.asarray(image, dtype=np.float64)
+        if image.mode != "F":
+            gray = gray / 257.0
+        gray8 = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+        return np.repeat(gray8[:, :, None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE)
+        image = Image.alpha_composite(background, rgba)
+    return np.array(image.convert("RGB"), dtype=np.uint8)
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        height, width, channels = array.shape
+    elif array.ndim == 2:
+        (height, width), channels = array.shape, 1
+    else:
+        raise InputError(
+            f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}"
+        )
+    _check_size((width, height), "the image")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8:
+        raise InputError(
+            f"an image array must be uint8 with values in [0, 255], got {array.dtype}; "
+            "convert it first (e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1])"
+        )
+    array = array.reshape(height, width, channels)
+    if channels == 1:
+        return np.repeat(array, 3, axis=2)
+    if channels == 4:
+        alpha = array[:, :, 3:].astype(np.float32) / 255.0
+        rgb = array[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return np.array(array, dtype=np.uint8)  # a copy
+
+
+def check_query(query: str) -> str:
+    """The query as the model will see it (surrounding whitespace removed)."""
+    if not isinstance(query, str):
+        raise InputError(f"the query must be text, got {type(query).__name__}")
+    text = query.strip()
+    if not text:
+        raise InputError("the query is empty; ask about something in the image")
+    if len(text) > MAX_QUERY_CHARS:
+        raise InputError(
+            f"the query is {len(text)} characters long; the limit is {MAX_QUERY_CHARS}, "
+            "so shorten it"
+        )
+    if IMAGE_TOKEN in text:
+        raise InputError(f"the query must not contain {IMAGE_TOKEN!r}; remove it")
+    return text
+
+
+# Results ------------------------------------------------------------------------------------
+@dataclass
+class MaskResult:
+    """One mask per `[SEG]` token of the answer, at the original image size."""
+
+    mask: np.ndarray  # HxW bool
+    score: float  # SAM's predicted IoU for this mask (the confidence), about [0, 1]
+    area_fraction: float  # share of the image's pixels inside the mask, [0, 1]
+    logits: np.ndarray | None = None  # HxW float32 mask logits (kept on request)
+
+
+@dataclass
+class SegmentationResult:
+    """The answer to one query on one image."""
+
+    answer: str  # generated text, special tokens removed, "[SEG]" kept
+    masks: list[MaskResult]  # in the order of the answer's [SEG] tokens
+    timings: dict[str, float]  # seconds: image_encoding, generation, mask_decoding, total
+    cache_hit: bool  # whether the image encodings came from the cache
+    message: str | None = None  # why there is no (or an empty) mask, when that happens
+
+
+@dataclass
+class _ImageEncoding:
+    """What one image costs to encode, kept in the cache."""
+
+    sam_embeddings: torch.Tensor  # [1, C, h, w] SAM image embeddings
+    image_features: torch.Tensor  # [N, D] LLaVA's projected vision features
+    input_size: tuple[int, int]  # resized image inside SAM's padded square
+    original_size: tuple[int, int]  # (H, W)
+
+
+@dataclass
+class _Answer:
+    """One generated answer and the hidden states that predicted its `[SEG]` tokens."""
+
+    text: str
+    seg_states: torch.Tensor  # [n, H], last layer after the final norm
+    truncated: bool  # stopped at max_new_tokens rather than at EOS
+
+
+# The pipeline -------------------------------------------------------------------------------
+class LisaPipeline:
+    """Image + question -> answer text and one mask per `[SEG]`.
+
+    Not re-entrant: callers that share one pipeline between threads hold `lock` around calls
+    (the app does).
+    """
+
+    def __init__(self, loaded: LoadedLisa, cache_size: int = 16, max_new_tokens: int = 48):
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.loaded = loaded
+        self.cache_size = cache_size
+        self.max_new_tokens = max_new_tokens
+        self.lock = threading.Lock()
+        self._cache: OrderedDict[str, _ImageEncoding] = OrderedDict()
+        self._n_image_tokens = image_token_count(loaded.processor)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: ModelConfig,
+        checkpoint: str | Path | None = None,
+        device: str | torch.device | None = None,
+        **kw,
+    ) -> LisaPipeline:
+        """Load the model described by `cfg` (plus an optional checkpoint) for inference."""
+        return cls(load_lisa(cfg, checkpoint=checkpoint, device=device), **kw)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def segment(
+        self,
+        image: ImageSource,
+        query: str,
+        threshold: float = 0.0,
+        *,
+        keep_logits: bool = False,
+    ) -> SegmentationResult:
+        """Answer `query` about `image`; a mask is the pixels whose logit exceeds `threshold`.
+
+        keep_logits: also return each mask's HxW float32 logits (for re-thresholding).
+        """
+        return self.segment_batch(image, [query], threshold, keep_logits=keep_logits)[0]
+
+    def segment_batch(
+        self,
+        image: ImageSource,
+        queries: Sequence[str],
+        threshold: float = 0.0,
+        *,
+        keep_logits: bool = False,
+    ) -> list[SegmentationResult]:
+        """Several queries on one image as one batched (left-padded) generation.
+
+        Every result carries the batch's timings.
+        """
+        start = time.perf_counter()
+        if isinstance(queries, str) or not queries:
+            raise InputError("pass a non-empty list of queries")
+        questions = [check_query(q) for q in queries]
+        threshold = _check_threshold(threshold)
+        pixels = load_image(image)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            encoding, cache_hit = self._encode_image(pixels)
+            t1 = time.perf_counter()
+            answers = self._generate(encoding, questions)
+            t2 = time.perf_counter()
+            masks = self._decode_masks(encoding, answers, threshold, keep_logits)
+            t3 = time.perf_counter()
+        timings = {
+            "image_encoding": t1 - t0,
+            "generation": t2 - t1,
+            "mask_decoding": t3 - t2,
+            "total": t3 - start,
+        }
+        return [
+            SegmentationResult(
+                answer=answer.text,
+                masks=answer_masks,
+                timings=dict(timings),
+                cache_hit=cache_hit,
+                message=self._message(answer, answer_masks, threshold),
+            )
+            for answer, answer_masks in zip(answers, masks, strict=True)
+        ]
+
+    # Stages ---------------------------------------------------------------------------
+    @property
+    def _llava(self):
+        """The transformers LLaVA (peft's LoRA layers live inside it, in place)."""
+        llava = self.loaded.model.llava
+        return llava.get_base_model() if hasattr(llava, "get_base_model") else llava
+
+    def _cache_key(self, pixels: np.ndarray) -> str:
+        """Image content hash + the identity of the model that encodes it."""
+        loaded = self.loaded
+        model_identity = f"{id(loaded.model)}:{loaded.device}:{loaded.config.precision}"
+        return f"{model_identity}:{image_key(pixels)}"
+
+    def _encode_image(self, pixels: np.ndarray) -> tuple[_ImageEncoding, bool]:
+        key = self._cache_key(pixels)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key], True
+        loaded = self.loaded
+        encoded = encode_image(pixels, loaded.processor, loaded.sam_processor)
+        sam_pixels = encoded.sam_pixel_values[None].to(loaded.device)
+        sam_embeddings = loaded.model.encode_images(sam_pixels)
+        llava = self._llava
+        vision_dtype = next(llava.model.vision_tower.parameters()).dtype
+        clip_pixels = encoded.pixel_values[None].to(loaded.device, vision_dtype)
+        features = llava.get_image_features(pixel_values=clip_pixels, return_dict=True)
+        encoding = _ImageEncoding(
+            sam_embeddings=sam_embeddings,
+            image_features=features.pooler_output[0],
+            input_size=encoded.input_size,
+            original_size=encoded.original_size,
+        )
+        if self.cache_size > 0:
+            self._cache[key] = encoding
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return encoding, False
+
+    def _prompt_batch(self, questions: list[str]) -> dict[str, torch.Tensor]:
+        tokenizer = self.loaded.tokenizer
+        ids = [encode_text(tokenizer, q, None, self._n_image_tokens)[0] for q in questions]
+        limit = self._llava.config.text_config.max_position_embeddings
+        for question, prompt in zip(questions, ids, strict=True):
+            if len(prompt) + self.max_new_tokens > limit:
+                raise InputError(
+                    f"the query {question[:40]!r}... is too long for this model "
+                    f"({len(prompt)} prompt tokens + {self.max_new_tokens} for the answer > "
+                    f"{limit}); shorten it"
+                )
+        batch = collate_text(ids, None, _pad_id(tokenizer), left=True)
+        return {name: tensor.to(self.loaded.device) for name, tensor in batch.items()}
+
+    def _generate(self, encoding: _ImageEncoding, questions: list[str]) -> list[_Answer]:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        tokenizer = self.loaded.tokenizer
+        batch = self._prompt_batch(questions)
+        features = BaseModelOutputWithPooling(
+            pooler_output=[encoding.image_features] * len(questions)
+        )
+        eos_id = tokenizer.eos_token_id
+        out = self._llava.generate(
+            **batch,
+            mm_encoder_outputs={"image": features},
+            do_sample=False,
+            use_cache=True,
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=_pad_id(tokenizer),
+            eos_token_id=eos_id,
+        )
+        generated = out.sequences[:, batch["input_ids"].shape[1] :]
+        # hidden_states[t][-1][:, -1]: the post-norm state that predicted generated token t.
+        states = torch.stack([step[-1][:, -1] for step in out.hidden_states], dim=1)
+        answers = []
+        for row, row_states in zip(generated.tolist(), states, strict=True):
+            end = row.index(eos_id) if eos_id in row else len(row)
+            tokens = row[:end]
+            is_seg = torch.tensor([t == self.loaded.seg_token_id for t in tokens], dtype=torch.bool)
+            answers.append(
+                _Answer(
+                    text=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                    seg_states=row_states[:end][is_seg.to(row_states.device)],
+                    truncated=eos_id not in row,
+                )
+            )
+        return answers
+
+    def _decode_masks(
+        self,
+        encoding: _ImageEncoding,
+        answers: list[_Answer],
+        threshold: float,
+        keep_logits: bool,
+    ) -> list[list[MaskResult]]:
+        model = self.loaded.model
+        n = len(answers)
+        prompts = [model.project(answer.seg_states) for answer in answers]
+        logits, scores = model.decode_masks(
+            prompts,
+            encoding.sam_embeddings.expand(n, -1, -1, -1),
+            [encoding.input_size] * n,
+            [encoding.original_size] * n,
+        )
+        results = []
+        for answer_logits, answer_scores in zip(logits, scores, strict=True):
+            array = answer_logits.float().cpu().numpy()
+            results.append(
+                [
+                    _mask_result(array[i], float(answer_scores[i]), threshold, keep_logits)
+                    for i in range(array.shape[0])
+                ]
+            )
+        return results
+
+    def _message(self, answer: _Answer, masks: list[MaskResult], threshold: float) -> str | None:
+        notes = []
+        if not masks:
+            notes.append(NO_SEG_MESSAGE)
+        empty = [str(i) for i, m in enumerate(masks) if not m.mask.any()]
+        if empty:
+            notes.append(
+                f"Mask {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty: no pixel "
+                f"has a logit above the threshold {threshold:g}; try a lower threshold."
+            )
+        if answer.truncated:
+            notes.append(f"The answer was cut off at {self.max_new_tokens} new tokens.")
+        return " ".join(notes) or None
+
+
+def _pad_id(tokenizer) -> int:
+    pad_id = tokenizer.pad_token_id
+    return tokenizer.eos_token_id if pad_id is None else pad_id
+
+
+def _check_threshold(threshold: float) -> float:
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"the threshold must be a number, got {threshold!r}") from err
+    if not math.isfinite(value):
+        raise InputError(f"the threshold must be a finite number, got {threshold!r}")
+    return value
+
+
+def _mask_result(logits: np.ndarray, score: float, threshold: float, keep: bool) -> MaskResult:
+    mask = logits > threshold
+    return MaskResult(
+        mask=mask,
+        score=score,
+        area_fraction=float(mask.mean()),
+        logits=logits.astype(np.float32, copy=False) if keep else None,
+    )

@@ -1,0 +1,303 @@
+"""The segmentation pipeline on the tiny random model: answers, masks, cache, inputs."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lisa_demo.infer.pipeline import (
+    MAX_IMAGE_PIXELS,
+    NO_SEG_MESSAGE,
+    InputError,
+    LisaPipeline,
+    load_image,
+)
+
+QUESTION = "Can you segment the red square in this image?"
+TWO_SEG = "Sure, [SEG] and [SEG]."
+
+
+@pytest.fixture
+def pipeline(tiny_loaded) -> LisaPipeline:
+    return LisaPipeline(tiny_loaded, max_new_tokens=12)
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height but holds almost no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+# Segmenting ---------------------------------------------------------------------------------
+def test_segment_returns_answer_masks_scores_and_timings(pipeline, tiny_loaded, force_answer):
+    force_answer(tiny_loaded, TWO_SEG)
+    image = np.zeros((37, 53, 3), dtype=np.uint8)
+    image[5:20, 10:30] = 255
+    result = pipeline.segment(image, QUESTION)
+    assert result.answer == TWO_SEG
+    assert len(result.masks) == 2
+    for mask in result.masks:
+        assert mask.mask.dtype == np.bool_ and mask.mask.shape == (37, 53)
+        assert isinstance(mask.score, float) and np.isfinite(mask.score)
+        assert mask.area_fraction == pytest.approx(mask.mask.mean())
+        assert mask.logits is None
+    assert set(result.timings) == {"image_encoding", "generation", "mask_decoding", "total"}
+    assert all(v >= 0 for v in result.timings.values())
+    stages = sum(result.timings[k] for k in ("image_encoding", "generation", "mask_decoding"))
+    assert result.timings["total"] >= stages
+    assert result.cache_hit is False
+    assert result.message is None or "empty" in result.message
+
+
+def test_seg_states_from_generation_match_a_teacher_forced_pass(
+    pipeline, tiny_loaded, force_answer, make_inputs, scene_image
+):
+    """The [SEG] states taken from generate() give the masks of LisaModel.forward on the same
+    prompt + answer, i.e. the generation picks the states just before each [SEG]."""
+    force_answer(tiny_loaded, TWO_SEG)
+    result = pipeline.segment(scene_image, QUESTION, keep_logits=True)
+    with torch.inference_mode():
+        out = tiny_loaded.model(**make_inputs(tiny_loaded, scene_image, QUESTION, TWO_SEG))
+    expected = out.mask_logits[0].numpy()
+    assert expected.shape[0] == 2
+    got = np.stack([m.logits for m in result.masks])
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose([m.score for m in result.masks], out.scores[0].numpy(), atol=1e-4)
+    # The two [SEG] tokens sit at different positions, so their masks differ.
+    assert not np.allclose(got[0], got[1])
+
+
+def test_threshold_selects_pixels_above_it(pipeline, tiny_loaded, force_answer, scene_image):
+    force_answer(tiny_loaded, "[SEG].")
+    low = pipeline.segment(scene_image, QUESTION, threshold=-1e9, keep_logits=True).masks[0]
+    assert low.mask.all() and low.area_fraction == 1.0
+    cut = float(np.median(low.logits))
+    mid = pipeline.segment(scene_image, QUESTION, threshold=cut).masks[0]
+    np.testing.assert_array_equal(mid.mask, low.logits > cut)
+    high = pipeline.segment(scene_image, QUESTION, threshold=1e9)
+    assert not high.masks[0].mask.any()
+    assert "empty" in high.message and "threshold" in high.message
+
+
+def test_second_query_on_same_image_hits_the_cache(
+    pipeline, tiny_loaded, force_answer, scene_image
+):
+    force_answer(tiny_loaded, TWO_SEG)
+    first = pipeline.segment(scene_image, QUESTION)
+    second = pipeline.segment(scene_image.copy(), QUESTION)
+    assert (first.cache_hit, second.cache_hit) == (False, True)
+    assert second.timings["image_encoding"] < 0.05
+    assert second.timings["image_encoding"] < first.timings["image_encoding"]
+    for a, b in zip(first.masks, second.masks, strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert a.score == b.score
+    other = scene_image.copy()
+    other[0, 0] = 0
+    assert pipeline.segment(other, QUESTION).cache_hit is False
+    pipeline.clear_cache()
+    assert pipeline.segment(scene_image, QUESTION).cache_hit is False
+
+
+def test_cache_is_bounded_lru(tiny_loaded, scene_image):
+    pipeline = LisaPipeline(tiny_loaded, cache_size=2, max_new_tokens=1)
+    images = [np.full((16, 16, 3), value, dtype=np.uint8) for value in (0, 100, 200)]
+    for image in images:
+        pipeline.segment(image, "what")
+    assert pipeline.segment(images[2], "what").cache_hit  # the newest stays
+    assert pipeline.segment(images[1], "what").cache_hit
+    assert not pipeline.segment(images[0], "what").cache_hit  # the oldest was evicted
+    assert len(pipeline._cache) == 2
+
+
+def test_segment_batch_matches_single_calls(pipeline, tiny_loaded, force_answer, scene_image):
+    answers = ["[SEG].", "Sure, it is [SEG] and the other [SEG].", "No."]
+    queries = [QUESTION, "Which shape would roll down a hill?", "Is there a cat?"]
+    singles = []
+    for query, answer in zip(queries, answers, strict=True):
+        force_answer(tiny_loaded, answer)
+        singles.append(pipeline.segment(scene_image, query, keep_logits=True))
+    force_answer(tiny_loaded, *answers)
+    batch = pipeline.segment_batch(scene_image, queries, keep_logits=True)
+    assert [r.answer for r in batch] == answers
+    assert [len(r.masks) for r in batch] == [1, 2, 0]
+    assert all(r.cache_hit for r in batch)
+    for single, batched in zip(singles, batch, strict=True):
+        assert single.answer == batched.answer
+        for a, b in zip(single.masks, batched.masks, strict=True):
+            # Left padding changes the float rounding of the batch, not the result.
+            np.testing.assert_allclose(a.logits, b.logits, atol=1e-3)
+            clear = np.abs(a.logits) > 1e-2
+            np.testing.assert_array_equal(a.mask[clear], b.mask[clear])
+            assert a.score == pytest.approx(b.score, abs=1e-4)
+    assert batch[2].message == NO_SEG_MESSAGE
+
+
+def test_answer_without_seg_gives_no_masks_and_a_message(
+    pipeline, tiny_loaded, force_answer, scene_image
+):
+    force_answer(tiny_loaded, "There is no cat in this picture.")
+    result = pipeline.segment(scene_image, "Where is the cat?")
+    assert result.answer == "There is no cat in this picture."
+    assert result.masks == []
+    assert result.message == NO_SEG_MESSAGE
+
+
+def test_answer_cut_at_max_new_tokens_says_so(tiny_loaded, force_answer, scene_image):
+    force_answer(tiny_loaded, "It is a very very very very long answer [SEG].")
+    result = LisaPipeline(tiny_loaded, max_new_tokens=2).segment(scene_image, QUESTION)
+    assert result.masks == []
+    assert NO_SEG_MESSAGE in result.message and "cut off at 2" in result.message
+
+
+def test_unforced_generation_runs_end_to_end(pipeline, scene_image):
+    result = pipeline.segment(scene_image, QUESTION)
+    assert isinstance(result.answer, str)
+    assert len(result.masks) == result.answer.count("[SEG]")
+
+
+@pytest.mark.parametrize("variant", ["bf16", "4bit"])
+def test_reduced_precision_models_segment(variant, force_answer, scene_image):
+    from lisa_demo.config import preset
+
+    cfg = preset("tiny-random")
+    cfg = cfg.replace(precision="bf16") if variant == "bf16" else cfg.replace(quantization="4bit")
+    pipeline = LisaPipeline.from_config(cfg, device="cpu", max_new_tokens=8)
+    force_answer(pipeline.loaded, "[SEG].")
+    result = pipeline.segment(scene_image, QUESTION, keep_logits=True)
+    assert len(result.masks) == 1
+    assert result.masks[0].mask.shape == scene_image.shape[:2]
+    assert result.masks[0].logits.dtype == np.float32
+    assert np.isfinite(result.masks[0].logits).all() and np.isfinite(result.masks[0].score)
+
+
+# Queries ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("query", ["", "   \n\t "])
+def test_empty_query_is_an_input_error(pipeline, scene_image, query):
+    with pytest.raises(InputError, match="empty"):
+        pipeline.segment(scene_image, query)
+
+
+def test_overlong_or_malformed_queries_are_input_errors(pipeline, scene_image):
+    with pytest.raises(InputError, match="1000"):
+        pipeline.segment(scene_image, "a" * 1001)
+    with pytest.raises(InputError, match="<image>"):
+        pipeline.segment(scene_image, "what is <image> here")
+    with pytest.raises(InputError, match="threshold"):
+        pipeline.segment(scene_image, QUESTION, threshold=float("nan"))
+    with pytest.raises(InputError, match="list of queries"):
+        pipeline.segment_batch(scene_image, [])
+    # 900 characters fit the limit but not the tiny model's 512 positions.
+    with pytest.raises(InputError, match="too long for this model"):
+        pipeline.segment(scene_image, " ".join(["xq"] * 300))
+
+
+# Images -------------------------------------------------------------------------------------
+def test_missing_and_non_image_files_are_input_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_image(tmp_path / "nope.png")
+    with pytest.raises(InputError, match="folder"):
+        load_image(tmp_path)
+    text = tmp_path / "notes.png"
+    text.write_text("this is not a picture")
+    with pytest.raises(InputError, match="not an image"):
+        load_image(text)
+
+
+def test_corrupt_png_is_an_input_error(tmp_path, scene_image):
+    data = png_bytes(scene_image)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="damaged or truncated"):
+        load_image(truncated)
+    garbled = bytearray(data)
+    garbled[60:80] = b"\x00" * 20  # inside the compressed pixel data
+    with pytest.raises(InputError, match="damaged or truncated"):
+        load_image(bytes(garbled))
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000])  # below and above PIL's own bomb error
+def test_huge_image_header_is_refused_before_decoding(tmp_path, side):
+    path = tmp_path / "huge.png"
+    path.write_bytes(png_header_only(side, side))
+    with pytest.raises(InputError, match="megapixel"):
+        load_image(path)
+
+
+def test_size_limit_applies_to_arrays_too():
+    with pytest.raises(InputError, match="megapixel"):
+        load_image(np.broadcast_to(np.uint8(0), (1, MAX_IMAGE_PIXELS + 1, 3)))
+    with pytest.raises(InputError, match="zero size"):
+        load_image(np.zeros((0, 5, 3), dtype=np.uint8))
+    with pytest.raises(InputError, match="uint8"):
+        load_image(np.zeros((4, 4, 3), dtype=np.float32))
+    with pytest.raises(InputError, match="shape"):
+        load_image(np.zeros((4, 4, 2), dtype=np.uint8))
+
+
+def test_grayscale_rgba_palette_and_16bit_pngs_become_rgb(tmp_path):
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    out = load_image(png_bytes(gray))
+    assert out.shape == (3, 4, 3) and out.dtype == np.uint8
+    assert (out == gray[:, :, None]).all()
+
+    rgba = np.zeros((2, 2, 4), dtype=np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red
+    rgba[0, 1] = (0, 0, 255, 0)  # fully transparent: white
+    rgba[1, 0] = (0, 0, 0, 128)  # half-transparent black: mid gray
+    path = tmp_path / "rgba.png"
+    path.write_bytes(png_bytes(rgba))
+    out = load_image(path)
+    assert out.shape == (2, 2, 3)
+    assert tuple(out[0, 0]) == (255, 0, 0)
+    assert tuple(out[0, 1]) == (255, 255, 255)
+    assert abs(int(out[1, 0, 0]) - 127) <= 1
+    np.testing.assert_array_equal(load_image(rgba), out)  # arrays composite the same way
+
+    palette = Image.fromarray(np.array([[0, 1]], dtype=np.uint8), mode="P")
+    palette.putpalette([255, 0, 0, 0, 255, 0])
+    assert load_image(palette).tolist() == [[[255, 0, 0], [0, 255, 0]]]
+
+    deep = Image.fromarray(np.array([[0, 65535]], dtype=np.uint16))
+    assert load_image(deep)[0, :, 0].tolist() == [0, 255]
+
+
+def test_load_image_does_not_modify_or_alias_its_input(scene_image):
+    before = scene_image.copy()
+    out = load_image(scene_image)
+    out[:] = 0
+    np.testing.assert_array_equal(scene_image, before)
+
+
+def test_pipeline_accepts_paths_bytes_and_pil(pipeline, tmp_path, scene_image):
+    path = tmp_path / "scene.png"
+    path.write_bytes(png_bytes(scene_image))
+    first = pipeline.segment(path, QUESTION)
+    assert pipeline.segment(str(path), QUESTION).cache_hit
+    assert pipeline.segment(path.read_bytes(), QUESTION).cache_hit
+    assert pipeline.segment(Image.open(path), QUESTION).cache_hit
+    assert first.cache_hit is False
+    with pytest.raises(InputError, match="unsupported image type"):
+        pipeline.segment(12345, QUESTION)
