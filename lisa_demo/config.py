@@ -58,7 +58,7 @@ class ModelConfig:
 
     llava: str  # Hub id or local folder of a LLaVA (transformers layout)
     sam: str  # Hub id or local folder of a SAM (transformers layout)
-    heads: str | None = None  # folder holding lisa_heads.safetensors (projection, decoder)
+    heads: str | None = None  # folder holding projection.safetensors (the [SEG] projection)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (compute dtype)
     quantization: str = "none"  # none | 8bit | 4bit (language model only)
     use_lora: bool = False

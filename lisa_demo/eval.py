@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lisa_demo.config import PRECISIONS, QUANTIZATIONS
 from lisa_demo.data.reasonseg import DataError, ReasonSegDataset, Sample
 from lisa_demo.metrics import IoUAccumulator, intersection_union
 
@@ -114,7 +115,31 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--predictions", type=Path, metavar="PRED_DIR", help="folder of NAME.png masks"
     )
-    source.add_argument("--checkpoint", type=Path, help="score a model checkpoint instead")
+    source.add_argument("--checkpoint", type=Path, help="score a fine-tuned checkpoint")
+    source.add_argument(
+        "--model-only", action="store_true", help="score the --preset / --llava --sam model"
+    )
+    model = parser.add_argument_group("model scoring (with --checkpoint or --model-only)")
+    model.add_argument("--preset", default="tiny", help="base model preset (default: tiny)")
+    model.add_argument("--llava", default=None, help="LLaVA Hub id or folder (overrides)")
+    model.add_argument("--sam", default=None, help="SAM Hub id or folder (overrides)")
+    model.add_argument("--quantization", choices=QUANTIZATIONS, default=None)
+    model.add_argument("--precision", choices=PRECISIONS, default=None)
+    model.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    model.add_argument("--batch-size", type=int, default=4)
+    model.add_argument(
+        "--seg-rate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also generate answers for N samples and report the share containing [SEG]",
+    )
+    model.add_argument(
+        "--per-sample",
+        type=Path,
+        default=None,
+        help="write per-sample IoUs here (default: eval_<split>.json beside the checkpoint)",
+    )
     parser.add_argument(
         "--all-queries",
         action="store_true",
@@ -134,13 +159,54 @@ def _report(accumulator: IoUAccumulator, missing: list[str], as_json: bool) -> N
         print(f"gIoU {accumulator.giou:.4f}  cIoU {accumulator.ciou:.4f}  n {accumulator.count}")
 
 
+def score_model_cli(args: argparse.Namespace) -> int:
+    """Run a model on the split with the training-time validation code and print its scores."""
+    from lisa_demo.checkpoint import CheckpointError
+    from lisa_demo.config import ConfigError, preset
+    from lisa_demo.loading import ModelLoadError, load_lisa
+    from lisa_demo.train.evaluate import score_model
+
+    try:
+        queries = "all" if args.all_queries else "first"
+        dataset = ReasonSegDataset(args.dataset, queries=queries)
+        print(dataset.report.summary(), file=sys.stderr)
+        cfg = preset(args.preset)
+        overrides = {k: getattr(args, k) for k in ("quantization", "precision") if getattr(args, k)}
+        if args.llava or args.sam:
+            overrides.update(llava=args.llava or cfg.llava, sam=args.sam or cfg.sam)
+            overrides.update(build_tiny=False, heads=None)
+        loaded = load_lisa(cfg.replace(**overrides), checkpoint=args.checkpoint, device=args.device)
+        samples = [dataset[i] for i in range(len(dataset))]
+        result = score_model(loaded, samples, args.batch_size, args.seg_rate)
+    except (DataError, ConfigError, CheckpointError, ModelLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if not isinstance(error, DataError) else 1
+    per_sample = result.pop("per_sample")
+    target = args.per_sample
+    if target is None:
+        home = args.checkpoint if args.checkpoint is not None else Path.cwd()
+        target = Path(home) / f"eval_{Path(args.dataset).name}.json"
+    Path(target).write_text(json.dumps({**result, "per_sample": per_sample}, indent=2))
+    print(f"per-sample IoUs written to {target}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        line = f"gIoU {result['giou']:.4f}  cIoU {result['ciou']:.4f}  n {result['n']}"
+        if "seg_rate" in result:
+            line += f"  [SEG] rate {result['seg_rate']:.3f} (of {result['seg_rate_n']})"
+        print(line)
+        for family, scores in result["families"].items():
+            giou, ciou, n = scores["giou"], scores["ciou"], scores["n"]
+            print(f"  {family:12s} gIoU {giou:.4f}  cIoU {ciou:.4f}  n {n}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 bad data, 2 unsupported request)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.checkpoint is not None:
-        print("model scoring: see lisa_demo.train", file=sys.stderr)
-        return 2
+    if args.checkpoint is not None or args.model_only:
+        return score_model_cli(args)
     try:
         queries = "all" if args.all_queries else "first"
         dataset = ReasonSegDataset(args.dataset, queries=queries)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from lisa_demo import checkpoint as ckpt
 from lisa_demo.config import (
+    BUNDLED_MODEL_DIR,
     IMAGE_TOKEN,
     QUANTIZATION_SKIP_MODULES,
     SEG_TOKEN,
@@ -113,18 +114,28 @@ def _describe(kind: str, source: str, config: object) -> dict:
 
 
 def _fetch_error(kind: str, source: str, err: Exception) -> ModelLoadError:
-    if Path(source).exists():
-        reason = f"the folder {source} is not a transformers {kind} model ({err})"
-    else:
-        reason = (
-            f"'{source}' is neither a local folder nor a model that could be fetched from the "
-            f"Hugging Face Hub (no network, a typo, or a gated model)"
-        )
     flag = "--llava" if kind == "LLaVA" else "--sam"
+    path = Path(source)
+    if path.is_relative_to(BUNDLED_MODEL_DIR):
+        return ModelLoadError(
+            f"The bundled tiny model is missing or incomplete ({source}): restore assets/ from "
+            f"the repository (git checkout -- assets) or use --preset tiny-random ({err})"
+        )
+    if path.exists():
+        return ModelLoadError(
+            f"Could not load the {kind} model: the folder {source} is not a transformers "
+            f"{kind} model ({err}). Pass a folder written by save_pretrained, or --preset tiny."
+        )
+    if source.startswith((".", "/", "~")) or "\\" in source:
+        return ModelLoadError(
+            f"Could not load the {kind} model: the folder {source} does not exist. "
+            f"Check {flag}, or use --preset tiny (bundled, offline)."
+        )
     return ModelLoadError(
-        f"Could not load the {kind} model: {reason}. Download it where you have access "
-        f"(`hf download {source} --local-dir DIR`) and pass {flag} DIR, or use --preset tiny "
-        f"(bundled, offline)."
+        f"Could not load the {kind} model '{source}': it is not a local folder and could not "
+        f"be fetched from the Hugging Face Hub (no network, a typo, or a gated model). Download "
+        f"it where you have access (`hf download {source} --local-dir DIR`) and pass {flag} DIR, "
+        f"or use --preset tiny (bundled, offline)."
     )
 
 

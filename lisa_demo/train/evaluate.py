@@ -100,3 +100,37 @@ def seg_rate(
     if was_training:
         model.train()
     return hits
+
+
+def family_breakdown(per_sample: list[dict]) -> dict[str, dict]:
+    """gIoU / cIoU / n per query family (synthetic data); samples without one are skipped."""
+    groups: dict[str, IoUAccumulator] = {}
+    for row in per_sample:
+        if row.get("family"):
+            groups.setdefault(row["family"], IoUAccumulator()).add_counts(
+                row["intersection"], row["union"]
+            )
+    return {name: acc.as_dict() for name, acc in sorted(groups.items())}
+
+
+def score_model(
+    loaded,  # LoadedLisa
+    samples: list[Sample],
+    batch_size: int = 4,
+    seg_rate_samples: int = 0,
+) -> dict:
+    """LISA-protocol scores of a loaded model on `samples` (one process)."""
+    batcher = SampleBatcher(loaded.processor, loaded.sam_processor)
+    model = loaded.model
+    acc, per_sample = evaluate_samples(model, batcher, samples, batch_size, loaded.device)
+    result = {**acc.as_dict(), "families": family_breakdown(per_sample)}
+    if seg_rate_samples:
+        chosen = samples[:seg_rate_samples]
+        hits = 0.0
+        for i in range(0, len(chosen), batch_size):
+            chunk = chosen[i : i + batch_size]
+            hits += seg_rate(model, batcher, chunk, loaded.device) * len(chunk)
+        result["seg_rate"] = hits / len(chosen)
+        result["seg_rate_n"] = len(chosen)
+    result["per_sample"] = per_sample
+    return result

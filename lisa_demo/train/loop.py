@@ -7,8 +7,10 @@ accelerate launch -m lisa_demo.train --dataset data/reasonseg --preset llava-1.5
 from __future__ import annotations
 
 import math
+import os
 import random
 import resource
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -88,13 +90,17 @@ def prepare_datasets(cfg: TrainConfig, accelerator) -> tuple[ReasonSegDataset, R
     root = cfg.dataset
     if cfg.synthetic:
         root = cfg.output_dir / "data"
-        if accelerator.is_main_process and not (root / "val").exists():
+        if accelerator.is_main_process and not root.exists():
             from lisa_demo.data.synthetic import generate_dataset
 
+            # Generated aside and renamed, so an interrupted run never leaves half a set.
+            tmp = root.with_name(f".data-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
             splits = {"train": cfg.synthetic, "val": max(4, cfg.synthetic // 4)}
             generate_dataset(
-                root, splits, cfg.synthetic_seed, cfg.exclude_concept, cfg.focus_concept
+                tmp, splits, cfg.synthetic_seed, cfg.exclude_concept, cfg.focus_concept
             )
+            tmp.rename(root)
         accelerator.wait_for_everyone()
     train = ReasonSegDataset(Path(root) / "train", queries=cfg.queries, seed=cfg.seed)
     val = ReasonSegDataset(Path(root) / "val", queries="first", seed=cfg.seed)
@@ -213,8 +219,10 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
     events.emit(
         "start",
         config=cfg.as_dict(),
-        dataset={"train": n_train, "val": len(val_samples), "train_images": len(train_set.records),
-                 "train_report": train_set.report.summary(), "val_report": val_set.report.summary()},
+        dataset={"train": n_train, "val": len(val_samples),
+                 "train_images": len(train_set.records),
+                 "train_report": train_set.report.summary(),
+                 "val_report": val_set.report.summary()},
         trainable_params=sum(p.numel() for p in params),
         total_params=sum(p.numel() for p in core.parameters()),
         total_steps=total_steps, world_size=world, device=str(device),
@@ -348,7 +356,8 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         if cfg.export_model and cfg.model.train_all:
             _export_best(cfg, loaded, core)
     events.emit("end", status=status, error=None, step=progress.step,
-                best_metric=progress.best_metric, peak_memory_mb=round(peak_memory_mb(device), 1))  # fmt: skip
+                best_metric=progress.best_metric,
+                peak_memory_mb=round(peak_memory_mb(device), 1))  # fmt: skip
     return status
 
 

@@ -1,0 +1,208 @@
+"""The training CLI end to end on the tiny random model: artifacts, stop/resume, processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lisa_demo.data.synthetic import generate_dataset
+from lisa_demo.train.__main__ import main as train_main
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ["--preset", "tiny-random", "--batch-size", "2", "--seg-rate-samples", "2"]
+
+
+def read_events(run: Path) -> list[dict]:
+    lines = (run / "events.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]  # every line must parse
+
+
+def of(events: list[dict], kind: str) -> list[dict]:
+    return [e for e in events if e["event"] == kind]
+
+
+def run_cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "lisa_demo.train", *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(root, {"train": 6, "val": 3}, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def short_run(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    code = train_main(
+        ["--dataset", str(dataset), "--output-dir", str(out), *BASE,
+         "--max-steps", "4", "--eval-every", "2", "--learning-rate", "1e-3"]
+    )  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_short_run_writes_every_artifact(short_run: Path):
+    for name in ("events.jsonl", "training_history.json", "training_history.png"):
+        assert (short_run / name).stat().st_size > 0, name
+    assert list(short_run.glob("metrics_epoch_*.json"))
+    for kind in ("best", "last"):
+        folder = short_run / "checkpoints" / kind
+        assert (folder / "manifest.json").exists() and (folder / "trainable.safetensors").exists()
+    events = read_events(short_run)
+    assert events[0]["event"] == "start" and events[0]["trainable_params"] > 0
+    assert [e["step"] for e in of(events, "log")] == [1, 2, 3, 4]
+    assert len(of(events, "eval")) == 2
+    assert all(0.0 <= e["giou"] <= 1.0 and 0.0 <= e["ciou"] <= 1.0 for e in of(events, "eval"))
+    assert events[-1]["event"] == "end" and events[-1]["status"] == "finished"
+    assert not list((short_run / "checkpoints").glob(".*")), "temporary folders left behind"
+
+
+def test_best_checkpoint_loads_in_the_inference_cli(short_run: Path, scene_image, tmp_path):
+    from PIL import Image
+
+    from lisa_demo.infer.__main__ import main as infer_main
+
+    image = tmp_path / "scene.png"
+    Image.fromarray(scene_image).save(image)
+    best = short_run / "checkpoints" / "best"
+    code = infer_main(
+        ["--image", str(image), "--query", "the red square", "--preset", "tiny-random",
+         "--checkpoint", str(best), "--out-dir", str(tmp_path / "out"), "--json"]
+    )  # fmt: skip
+    assert code == 0
+
+
+def test_training_loss_goes_down(dataset, tmp_path):
+    code = train_main(
+        ["--dataset", str(dataset), "--output-dir", str(tmp_path), *BASE,
+         "--max-train-samples", "2", "--max-steps", "16", "--learning-rate", "3e-3",
+         "--lr-scheduler", "constant", "--eval-every", "16", "--seg-rate-samples", "0"]
+    )  # fmt: skip
+    assert code == 0
+    losses = [e["loss"] for e in of(read_events(tmp_path), "log")]
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+
+
+def test_embedding_cache_is_hit_in_the_second_epoch(dataset, tmp_path):
+    code = train_main(
+        ["--dataset", str(dataset), "--output-dir", str(tmp_path), *BASE,
+         "--max-train-samples", "4", "--epochs", "2", "--seg-rate-samples", "0"]
+    )  # fmt: skip
+    assert code == 0
+    ends = of(read_events(tmp_path), "epoch_end")
+    assert len(ends) == 2
+    first, second = ends[0]["embedding_cache"], ends[1]["embedding_cache"]
+    assert second["misses"] == first["misses"], "no image should be encoded twice"
+    assert second["hits"] > first["hits"]
+
+
+def test_sigterm_saves_last_and_resume_continues_the_step_counter(dataset, tmp_path):
+    run = tmp_path / "run"
+    args = ["--dataset", str(dataset), "--output-dir", str(run), *BASE, "--max-steps", "400",
+            "--eval-every", "1000", "--seg-rate-samples", "0"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lisa_demo.train", *args], env=env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if (run / "events.jsonl").exists() and len(of(read_events(run), "log")) >= 3:
+            break
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    events = read_events(run)
+    assert events[-1]["status"] == "stopped"
+    stopped_at = events[-1]["step"]
+    assert 3 <= stopped_at < 400
+    state = json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert state["step"] == stopped_at
+
+    resumed = run_cli([*args[:-6], "--max-steps", str(stopped_at + 2), "--resume", str(run),
+                       "--eval-every", "1000", "--seg-rate-samples", "0"])  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    events = read_events(run)
+    starts = of(events, "start")
+    assert len(starts) == 2 and starts[1]["start_step"] == stopped_at
+    new_logs = [e["step"] for e in of(events, "log") if e["time"] >= starts[1]["time"]]
+    assert new_logs == [stopped_at + 1, stopped_at + 2]
+    history = json.loads((run / "training_history.json").read_text())
+    assert [h["step"] for h in history if h["event"] == "log"][:3] == [1, 2, 3]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_accelerate_run_writes_one_set_of_artifacts(dataset, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "lisa_demo.train", "--dataset", str(dataset), "--output-dir", str(tmp_path),
+           *BASE, "--max-steps", "2", "--eval-every", "2"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = read_events(tmp_path)
+    assert len(of(events, "start")) == 1 and events[0]["world_size"] == 2
+    assert len(of(events, "end")) == 1 and events[-1]["status"] == "finished"
+    evals = of(events, "eval")
+    assert evals and evals[-1]["n"] == 3  # val images split over 2 processes, summed back
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dataset", "/nonexistent/data"], "does not exist"),
+        (["--synthetic", "4", "--learning-rate", "-1"], "--learning-rate must be positive"),
+        (["--synthetic", "4", "--epochs", "0"], "nothing to train"),
+        (["--synthetic", "4", "--preset", "gpt-17"], "unknown preset"),
+        (["--synthetic", "4", "--batch-size", "0"], "--batch-size must be at least 1"),
+    ],
+)
+def test_bad_input_stops_with_one_clear_line(args, message, tmp_path, capsys):
+    assert train_main([*args, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_empty_or_unusable_dataset_is_refused(tmp_path, capsys):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "val").mkdir()
+    assert train_main(["--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "error:" in capsys.readouterr().err
+    (tmp_path / "data" / "train" / "a.json").write_text("{not json")
+    (tmp_path / "data" / "train" / "a.jpg").write_bytes(b"not an image")
+    assert train_main(["--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_resume_from_another_base_is_refused(short_run, dataset, tmp_path, capsys):
+    from lisa_demo.tiny import write_tiny_models
+
+    other = write_tiny_models(tmp_path / "other", seed=99)
+    code = train_main(
+        ["--dataset", str(dataset), "--output-dir", str(tmp_path / "o"), *BASE,
+         "--llava", str(other / "llava"), "--sam", str(other / "sam"),
+         "--max-steps", "1", "--resume", str(short_run)]
+    )  # fmt: skip
+    assert code == 2
+    assert "made for" in capsys.readouterr().err
