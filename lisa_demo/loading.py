@@ -8,6 +8,7 @@ architecture is built locally by `lisa_demo.tiny`.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from lisa_demo.model import LisaModel
 log = logging.getLogger("lisa_demo.loading")
 
 PROJECTION_FILE = "projection.safetensors"
+SHARDING_ENV_VARS = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -185,12 +187,17 @@ def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
     skip = list(QUANTIZATION_SKIP_MODULES)
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    # FSDP and DeepSpeed ZeRO-3 shard parameters by dtype: pack the 4-bit weights in the
+    # compute dtype there (accelerate launch sets these variables for those configs).
+    sharded = any(os.environ.get(v, "").lower() == "true" for v in SHARDING_ENV_VARS)
+    extra = {"bnb_4bit_quant_storage": dtype} if sharded else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
         llm_int8_skip_modules=skip,
+        **extra,
     )
 
 
