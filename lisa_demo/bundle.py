@@ -23,8 +23,7 @@ from lisa_demo.loading import PROJECTION_FILE
 
 
 def bundle(model_dir: Path, out: Path, run_dir: Path | None = None) -> Path:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration, SamModel
-    from transformers import SamProcessor
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, SamModel, SamProcessor
 
     card = out / "README.md"
     card_text = card.read_text() if card.exists() else None
