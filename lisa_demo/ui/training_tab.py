@@ -1,0 +1,317 @@
+"""The Training tab: data source, settings, start/stop, live log, curves and checkpoints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from lisa_demo.config import BUNDLED_MODEL_DIR, PRECISIONS, PRESETS, QUANTIZATIONS
+from lisa_demo.data.synthetic import CONCEPTS
+from lisa_demo.ui.runs import (
+    PRESET_DEFAULT,
+    RunBusy,
+    RunError,
+    RunState,
+    TrainingManager,
+    TrainRequest,
+)
+from lisa_demo.ui.settings import DEFAULT_PRESET, AppSettings
+
+FOLLOW_POLL_S = 0.5
+REFRESH_S = 5.0  # re-send the progress line this often even without events (elapsed time)
+SOURCE_CHOICES = [
+    ("Synthetic scenes (generated)", "synthetic"),
+    ("Upload a .zip (ReasonSeg layout)", "zip"),
+]
+FOLDER_CHOICE = ("Folder on the server", "folder")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SCHEDULERS = ("cosine", "linear", "constant")
+NO_CONCEPT = "none"
+NO_RUN = "No training run yet. Choose data and settings, then press Start."
+ZIP_HELP = (
+    "A .zip with train/ and val/ folders of NAME.jpg + NAME.json pairs (ReasonSeg layout), or "
+    "one folder of pairs (every fifth becomes validation)."
+)
+
+
+@dataclass
+class TrainingTab:
+    """The components app-level events need."""
+
+    outputs: list[gr.components.Component]  # what a follower updates
+    use_in_inference: gr.Button
+
+
+def default_training_preset(settings: AppSettings) -> str:
+    """The app's preset, or tiny-random while the bundled model is missing."""
+    if settings.preset == DEFAULT_PRESET and not BUNDLED_MODEL_DIR.is_dir():
+        return "tiny-random"
+    return settings.preset
+
+
+def plot_value(frame: pd.DataFrame) -> pd.DataFrame | None:
+    """None instead of an empty frame: a LinePlot that first gets an empty frame never draws
+    the lines of later updates (gradio 6.31 front end)."""
+    return None if frame.empty else frame
+
+
+def idle_outputs() -> tuple:
+    return "", NO_RUN, None, None, []
+
+
+def state_outputs(state: RunState, files: object) -> tuple:
+    return (
+        state.log_text(),
+        state.progress_markdown(),
+        plot_value(state.loss_frame()),
+        plot_value(state.eval_frame()),
+        files,
+    )
+
+
+def follow(manager: TrainingManager) -> Iterator[tuple]:
+    """Yield the run's view whenever it changes, until its trainer has exited.
+
+    Checkpoint files are sent only when they change (gr.skip() otherwise, so gradio does not
+    re-hash big zips every step) and always with the last update.
+    """
+    last_version, last_files, last_sent = None, None, 0.0
+    while True:
+        state = manager.snapshot()
+        if state is None:
+            yield idle_outputs()
+            return
+        stale = time.monotonic() - last_sent > REFRESH_S
+        if state.version != last_version or state.done or stale:
+            files = state.checkpoint_files()
+            changed = files != last_files or state.done
+            yield state_outputs(state, files if changed else gr.skip())
+            last_version, last_files, last_sent = state.version, files, time.monotonic()
+        if state.done:
+            return
+        time.sleep(FOLLOW_POLL_S)
+
+
+def _concept(value: str | None) -> str | None:
+    return None if not value or value == NO_CONCEPT else value
+
+
+def make_train_handler(settings: AppSettings, manager: TrainingManager):
+    """The streaming `train` handler: start a run, then follow it."""
+
+    def train(
+        source: str = "synthetic",
+        synthetic_scenes: float = 64,
+        hold_out_concept: str | None = None,
+        focus_concept: str | None = None,
+        dataset_zip: str | None = None,
+        server_folder: str | None = None,
+        preset: str = DEFAULT_PRESET,
+        train_for: str = "steps",
+        epochs: float = 1,
+        max_steps: float = 50,
+        learning_rate: float = 3e-4,
+        lora_rank: float = 8,
+        lora_targets: list[str] | None = None,
+        batch_size: float = 2,
+        grad_accum: float = 1,
+        max_train_samples: float = 0,
+        max_val_samples: float = 0,
+        lr_scheduler: str = "cosine",
+        precision: str = PRESET_DEFAULT,
+        quantization: str = PRESET_DEFAULT,
+        eval_every: float = 0,
+    ) -> Iterator[tuple]:
+        if source == "folder" and not settings.allow_server_paths:
+            raise gr.Error("Server folders are disabled; upload a .zip instead.")
+        try:
+            request = TrainRequest(
+                source=source,
+                synthetic_n=int(synthetic_scenes or 0),
+                exclude_concept=_concept(hold_out_concept),
+                focus_concept=_concept(focus_concept),
+                zip_path=dataset_zip,
+                folder_path=(server_folder or "").strip() or None,
+                preset=preset,
+                length=train_for,
+                epochs=int(epochs or 0),
+                max_steps=int(max_steps or 0),
+                learning_rate=float(learning_rate),
+                lora_r=int(lora_rank),
+                lora_targets=tuple(lora_targets or ()),
+                batch_size=int(batch_size),
+                grad_accum=int(grad_accum),
+                max_train_samples=int(max_train_samples or 0),
+                max_val_samples=int(max_val_samples or 0),
+                lr_scheduler=lr_scheduler,
+                precision=precision,
+                quantization=quantization,
+                eval_every=int(eval_every or 0),
+            )
+            manager.start(settings, request)
+        except (RunBusy, RunError) as err:
+            raise gr.Error(str(err)) from err
+        except (TypeError, ValueError) as err:
+            raise gr.Error(f"Invalid training settings: {err}") from err
+        except OSError as err:
+            raise gr.Error(f"Could not start the trainer: {err}") from err
+        yield from follow(manager)
+
+    return train
+
+
+def make_stop_handler(manager: TrainingManager):
+    def stop_training() -> str:
+        message = manager.stop()
+        gr.Info(message)
+        return message
+
+    return stop_training
+
+
+def _source_visibility(source: str) -> tuple:
+    return (
+        gr.update(visible=source == "synthetic"),
+        gr.update(visible=source == "zip"),
+        gr.update(visible=source == "folder"),
+    )
+
+
+def _length_visibility(train_for: str) -> tuple:
+    return gr.update(visible=train_for == "epochs"), gr.update(visible=train_for == "steps")
+
+
+def build_training_tab(settings: AppSettings, manager: TrainingManager) -> TrainingTab:
+    """Lay out the tab inside the current gr.Tab and wire its events."""
+    sources = SOURCE_CHOICES + ([FOLDER_CHOICE] if settings.allow_server_paths else [])
+    concepts = [NO_CONCEPT, *CONCEPTS]
+    with gr.Row():
+        with gr.Column(scale=2, min_width=320):
+            source = gr.Radio(sources, value="synthetic", label="Data")
+            with gr.Group(visible=True) as synthetic_box:
+                synthetic_n = gr.Number(64, label="Synthetic scenes", precision=0, minimum=2)
+                with gr.Row():
+                    hold_out = gr.Dropdown(concepts, value=NO_CONCEPT, label="Hold out concept")
+                    focus = gr.Dropdown(concepts, value=NO_CONCEPT, label="Focus concept")
+            with gr.Group(visible=False) as zip_box:
+                dataset_zip = gr.File(label="Dataset .zip", file_types=[".zip"], type="filepath")
+                gr.Markdown(ZIP_HELP)
+            with gr.Group(visible=False) as folder_box:
+                server_folder = gr.Textbox(
+                    label="Server folder",
+                    placeholder="/data/reasonseg (holds train/ and val/)",
+                    visible=settings.allow_server_paths,
+                )
+            with gr.Accordion("Settings", open=True):
+                preset = gr.Dropdown(
+                    list(PRESETS), value=default_training_preset(settings), label="Model preset"
+                )
+                with gr.Row():
+                    train_for = gr.Radio(["steps", "epochs"], value="steps", label="Train for")
+                    max_steps = gr.Number(50, label="Max steps", precision=0, minimum=1)
+                    epochs = gr.Number(1, label="Epochs", precision=0, minimum=1, visible=False)
+                with gr.Row():
+                    learning_rate = gr.Number(3e-4, label="Learning rate", minimum=0)
+                    scheduler = gr.Dropdown(list(SCHEDULERS), value="cosine", label="Scheduler")
+                with gr.Row():
+                    lora_rank = gr.Number(8, label="LoRA rank", precision=0, minimum=1)
+                    lora_targets = gr.CheckboxGroup(
+                        list(LORA_TARGETS), value=["q_proj", "v_proj"], label="LoRA targets"
+                    )
+                with gr.Row():
+                    batch_size = gr.Number(2, label="Batch size", precision=0, minimum=1)
+                    grad_accum = gr.Number(1, label="Grad accumulation", precision=0, minimum=1)
+                    eval_every = gr.Number(
+                        0, label="Eval every (steps, 0 = per epoch)", precision=0, minimum=0
+                    )
+                with gr.Row():
+                    max_train = gr.Number(
+                        0, label="Max train samples (0 = all)", precision=0, minimum=0
+                    )
+                    max_val = gr.Number(
+                        0, label="Max val samples (0 = all)", precision=0, minimum=0
+                    )
+                with gr.Row():
+                    precision = gr.Dropdown(
+                        [PRESET_DEFAULT, *PRECISIONS], value=PRESET_DEFAULT, label="Precision"
+                    )
+                    quantization = gr.Dropdown(
+                        [PRESET_DEFAULT, *QUANTIZATIONS], value=PRESET_DEFAULT, label="Quantization"
+                    )
+            with gr.Row():
+                start = gr.Button("Start training", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
+                use = gr.Button("Use in Inference")
+            notice = gr.Markdown(label="Status", elem_id="training-notice")
+        with gr.Column(scale=3):
+            progress = gr.Markdown(NO_RUN, label="Progress", elem_id="training-progress")
+            with gr.Row():
+                loss_plot = gr.LinePlot(
+                    x="step", y="value", color="series", label="Training loss", elem_id="loss-plot"
+                )
+                eval_plot = gr.LinePlot(
+                    x="step",
+                    y="value",
+                    color="series",
+                    label="Validation gIoU / cIoU",
+                    elem_id="eval-plot",
+                    y_lim=[0, 1],
+                )
+            log = gr.Textbox(
+                label="Log", lines=12, max_lines=12, autoscroll=True, elem_id="training-log"
+            )
+            checkpoints = gr.File(label="Checkpoints (.zip)", file_count="multiple")
+
+    outputs = [log, progress, loss_plot, eval_plot, checkpoints]
+    source.change(
+        _source_visibility,
+        inputs=source,
+        outputs=[synthetic_box, zip_box, folder_box],
+        api_visibility="private",
+    )
+    train_for.change(
+        _length_visibility, inputs=train_for, outputs=[epochs, max_steps], api_visibility="private"
+    )
+    start.click(
+        make_train_handler(settings, manager),
+        inputs=[
+            source,
+            synthetic_n,
+            hold_out,
+            focus,
+            dataset_zip,
+            server_folder,
+            preset,
+            train_for,
+            epochs,
+            max_steps,
+            learning_rate,
+            lora_rank,
+            lora_targets,
+            batch_size,
+            grad_accum,
+            max_train,
+            max_val,
+            scheduler,
+            precision,
+            quantization,
+            eval_every,
+        ],  # fmt: skip
+        outputs=outputs,
+        api_name="train",
+        api_description="Start a training run and stream its log, curves and checkpoints.",
+        concurrency_limit=None,  # followers only wait; a second start must get its message
+        trigger_mode="multiple",
+    )
+    stop.click(
+        make_stop_handler(manager),
+        outputs=notice,
+        api_name="stop_training",
+        api_description="Ask the running training run to stop (it saves checkpoints/last).",
+        concurrency_limit=None,
+    )
+    return TrainingTab(outputs=outputs, use_in_inference=use)

@@ -1,0 +1,108 @@
+"""A stand-in for `python -m lisa_demo.train`: same flags it needs, same events.jsonl contract.
+
+Writes a start event, one log event per step (with a sleep), an eval + best checkpoint every
+other step, then last + end. SIGTERM: finish the step, save last, record "stopped", exit 0.
+Knobs (environment): FAKE_TRAINER_STEP_S (seconds per step), FAKE_TRAINER_IGNORE_SIGTERM=1
+(a trainer that hangs on stop, so the app must kill it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+STOP = False
+
+
+def _on_sigterm(signum, frame) -> None:
+    global STOP
+    STOP = True
+
+
+def emit(handle, event: str, **fields: object) -> None:
+    handle.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+    handle.flush()
+
+
+def save_checkpoint(out: Path, kind: str, step: int) -> Path:
+    folder = out / "checkpoints" / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": "lisa-studio-checkpoint", "version": 1, "step": step, "fake": True}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "trainable.safetensors").write_bytes(b"fake weights")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--max-steps", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--synthetic", type=int, default=0)
+    args, _ = p.parse_known_args(argv)
+    ignore = os.environ.get("FAKE_TRAINER_IGNORE_SIGTERM") == "1"
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore else _on_sigterm)
+    step_s = float(os.environ.get("FAKE_TRAINER_STEP_S", "0.15"))
+    total = args.max_steps or 4 * args.epochs
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"fake trainer: {total} steps into {out}", flush=True)
+    with (out / "events.jsonl").open("a") as events:
+        emit(
+            events,
+            "start",
+            config={"argv": sys.argv[1:]},
+            dataset={"train": 8, "val": 2},
+            trainable_params=1234,
+            total_steps=total,
+            future_key="ignored",
+        )
+        emit(events, "future_event", detail="readers must ignore this")
+        step = 0
+        while step < total and not STOP:
+            time.sleep(step_s)
+            step += 1
+            loss = 2.0 / step
+            emit(
+                events,
+                "log",
+                step=step,
+                epoch=step / total,
+                loss=loss,
+                ce_loss=loss / 2,
+                bce_loss=loss / 4,
+                dice_loss=loss / 4,
+                lr=3e-4,
+                samples_per_sec=10.0,
+                memory_mb=100.0,
+                total_steps=total,
+                eta_seconds=(total - step) * step_s,
+            )
+            if step % 2 == 0:
+                giou = min(1.0, 0.1 * step)
+                emit(
+                    events,
+                    "eval",
+                    step=step,
+                    epoch=step / total,
+                    giou=giou,
+                    ciou=giou * 0.9,
+                    seg_rate=1.0,
+                    n=2,
+                )
+                path = save_checkpoint(out, "best", step)
+                emit(events, "checkpoint", step=step, kind="best", path=str(path), metric=giou)
+        path = save_checkpoint(out, "last", step)
+        emit(events, "checkpoint", step=step, kind="last", path=str(path), metric=None)
+        emit(events, "end", status="stopped" if STOP else "finished", error=None, step=step)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

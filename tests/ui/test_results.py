@@ -1,0 +1,76 @@
+"""Ground truth reading and the per-mask table, without a server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lisa_demo.ui.results import (
+    GroundTruthError,
+    details_text,
+    drawn_mask,
+    ground_truth,
+    mask_from_array,
+    mask_table,
+    overlay,
+)
+from tests.ui.fakes import FakeMask, FakeResult
+
+
+def test_mask_from_array_non_zero_or_opaque_is_foreground() -> None:
+    gray = np.array([[0, 1], [255, 0]], dtype=np.uint8)
+    assert mask_from_array(gray).tolist() == [[False, True], [True, False]]
+    rgb = np.zeros((2, 2, 3), dtype=np.uint8)
+    rgb[0, 1, 2] = 9
+    assert mask_from_array(rgb).tolist() == [[False, True], [False, False]]
+    rgba = np.zeros((2, 2, 4), dtype=np.uint8)
+    rgba[1, 1] = (0, 0, 0, 255)  # black but opaque on a transparent mask: foreground
+    assert mask_from_array(rgba).tolist() == [[False, False], [False, True]]
+    opaque = np.zeros((2, 2, 4), dtype=np.uint8)
+    opaque[..., 3] = 255
+    opaque[0, 0, 0] = 255
+    assert mask_from_array(opaque).tolist() == [[True, False], [False, False]]
+
+
+def test_ground_truth_file_resized_when_aspect_matches(tmp_path) -> None:
+    mask = np.zeros((60, 80), dtype=np.uint8)
+    mask[:30] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    gt = ground_truth(tmp_path / "m.png", None, (120, 160))
+    assert gt.mask.shape == (120, 160) and gt.mask.dtype == np.uint8
+    assert set(np.unique(gt.mask)) == {0, 1} and gt.mask[:60].all()
+    assert "resized from 80x60 to 160x120" in gt.note
+    with pytest.raises(GroundTruthError, match="image's size"):
+        ground_truth(tmp_path / "m.png", None, (100, 100))
+    assert ground_truth(None, None, (10, 10)) is None
+
+
+def test_drawn_mask_is_alpha_of_the_layers() -> None:
+    layer = np.zeros((4, 4, 4), dtype=np.uint8)
+    assert drawn_mask({"background": None, "layers": [layer], "composite": None}) is None
+    layer[1, 2, 3] = 40
+    mask = drawn_mask({"background": None, "layers": [layer], "composite": None})
+    assert mask.sum() == 1 and mask[1, 2]
+    assert drawn_mask(None) is None
+
+
+def test_table_overlay_and_details() -> None:
+    mask = np.zeros((10, 20), dtype=bool)
+    mask[:5, :10] = True
+    result = FakeResult("it [SEG]", [FakeMask(mask, 0.8765, 0.25)], {"total": 0.5}, True)
+    gt = ground_truth(None, None, (10, 20))
+    assert list(mask_table(result.masks, gt).columns) == ["mask", "confidence (SAM IoU)", "area %"]
+    image = np.zeros((10, 20, 3), dtype=np.uint8)
+    shown, layers = overlay(image, result.masks)
+    assert shown.shape == image.shape and layers[0][1] == "[SEG] 1 (score 0.88)"
+    assert layers[0][0].max() == 1.0
+    text = details_text(result, [])
+    assert "total 0.50 s" in text and "from cache: yes" in text
+
+
+def test_overlay_of_a_big_image_is_downscaled() -> None:
+    image = np.zeros((4000, 2000, 3), dtype=np.uint8)
+    result = [FakeMask(np.ones((4000, 2000), dtype=bool), 0.5, 1.0)]
+    shown, layers = overlay(image, result)
+    assert shown.shape == (1600, 800, 3) and layers[0][0].shape == (1600, 800)
