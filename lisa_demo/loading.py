@@ -212,7 +212,14 @@ def _check_bitsandbytes(cfg: ModelConfig) -> None:
         ) from err
 
 
-def load_llava(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+def load_llava(
+    source: str,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    image_token_id: int | None = None,
+):
+    """image_token_id: the tokenizer's `<image>` id, used by random-weight models only."""
     from transformers import LlavaForConditionalGeneration
 
     quant = quantization_config(cfg, dtype)
@@ -222,7 +229,7 @@ def load_llava(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else device.type}
     if cfg.random_weights:
-        return _random_llava(cfg, dtype, device, quant)
+        return _random_llava(dtype, device, quant, image_token_id)
     try:
         model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
@@ -230,17 +237,104 @@ def load_llava(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.
     return model if quant is not None else model.to(device)
 
 
-def _random_llava(cfg: ModelConfig, dtype, device, quant):
-    """The full-size architecture with random weights (speed/memory measurement, no download)."""
+# Random weights (--random-weights) -------------------------------------------------------------
+# The full-size architectures with random values: speed and memory measurements without a
+# download. Built on the meta device and filled one tensor at a time, so a 4-bit 7B model never
+# exists in full precision (neither on disk nor in memory).
+def random_weight_processors() -> tuple[object, object]:
+    """Processors for random-weight models, with no download: the tiny tokenizer, llava-1.5's
+    CLIP preprocessing (336 px, patch 14: 576 image tokens) and SAM's 1024 px."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlavaProcessor,
+        SamImageProcessorPil,
+        SamProcessor,
+    )
+
+    from lisa_demo.tiny import CHAT_TEMPLATE, build_tokenizer
+
+    clip = CLIPImageProcessorPil(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        do_center_crop=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=clip,
+        tokenizer=build_tokenizer(),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    return processor, SamProcessor(image_processor=SamImageProcessorPil())
+
+
+def random_llava_skeleton(config, quant=None):
+    """The LLaVA architecture without storage: parameters on the meta device, buffers real.
+
+    With a BitsAndBytesConfig `quant`, every Linear outside its skip list is already a
+    bitsandbytes Linear4bit / Linear8bitLt (transformers' own replacement, same skip rules as
+    from_pretrained), still empty.
+    """
+    from accelerate import init_empty_weights
     from transformers import LlavaForConditionalGeneration
 
-    from lisa_demo.architectures import llava_1_5_7b_config
+    with init_empty_weights(include_buffers=False):
+        model = LlavaForConditionalGeneration(config)
+    if quant is not None:
+        from transformers.integrations import replace_with_bnb_linear
 
-    config = llava_1_5_7b_config()
-    if quant is None:
-        with torch.device(device):
-            return LlavaForConditionalGeneration(config).to(dtype)
-    raise ConfigError("--random-weights builds unquantized weights; use --quantization none")
+        skip = list(quant.llm_int8_skip_modules)
+        model = replace_with_bnb_linear(
+            model, modules_to_not_convert=skip, quantization_config=quant
+        )
+    return model
+
+
+def materialize_random(model: torch.nn.Module, dtype, device: torch.device, std: float) -> None:
+    """Give every meta parameter random values on `device`, in place, one tensor at a time.
+
+    Linear / embedding / conv weights ~ N(0, std), norm weights 1, biases 0. bitsandbytes
+    weights are drawn in `dtype` and quantized at once; buffers move to `device`.
+    """
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device.type != "meta":
+                continue
+            values = torch.empty(param.shape, dtype=dtype, device=device)
+            if name == "bias":
+                values.zero_()
+            elif "Norm" in type(module).__name__:
+                values.fill_(1.0)
+            else:
+                values.normal_(0.0, std)
+            module._parameters[name] = _random_parameter(param, values, device)
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = buffer.to(device)
+
+
+def _random_parameter(meta: torch.nn.Parameter, values: torch.Tensor, device: torch.device):
+    kind = type(meta).__name__
+    settings = dict(meta.__dict__)
+    if kind == "Params4bit":  # quantized by the move to the device (already there)
+        return type(meta)(values, requires_grad=False, **settings).to(device)
+    if kind == "Int8Params":  # bitsandbytes quantizes int8 on the way from the CPU only
+        settings.pop("SCB", None)
+        return type(meta)(values.cpu(), requires_grad=False, **settings).to(device)
+    return torch.nn.Parameter(values, requires_grad=meta.requires_grad)
+
+
+def _random_llava(dtype, device: torch.device, quant, image_token_id: int | None):
+    """llava-1.5-7b with random weights; 4-bit/8-bit layers are quantized as they are filled."""
+    from lisa_demo.architectures import LLAVA_1_5_IMAGE_TOKEN_ID, llava_1_5_7b_config
+
+    config = llava_1_5_7b_config(image_token_id=image_token_id or LLAVA_1_5_IMAGE_TOKEN_ID)
+    model = random_llava_skeleton(config, quant)
+    materialize_random(model, dtype, device, std=config.text_config.initializer_range)
+    if quant is not None:  # what from_pretrained sets; peft reads it to wrap the bnb layers
+        flag = "is_loaded_in_4bit" if quant.load_in_4bit else "is_loaded_in_8bit"
+        setattr(model, flag, True)
+    return model.eval()
 
 
 def load_sam(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
@@ -324,12 +418,16 @@ def load_lisa(
         cfg = _apply_checkpoint_settings(cfg, manifest)
     dtype = DTYPES[cfg.precision]
     llava_src, sam_src = resolve_sources(cfg)
-    processor, sam_processor = load_processors(llava_src, sam_src)
+    if cfg.random_weights:
+        processor, sam_processor = random_weight_processors()
+    else:
+        processor, sam_processor = load_processors(llava_src, sam_src)
     tokenizer = processor.tokenizer
     n_known = len(tokenizer)
     seg_id, added = ensure_seg_token(tokenizer)
 
-    llava = load_llava(llava_src, cfg, dtype, device)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    llava = load_llava(llava_src, cfg, dtype, device, image_token_id=image_token_id)
     sam = load_sam(sam_src, cfg, dtype, device)
     base = {"llava": _describe("llava", llava_src, llava.config)}
     base["sam"] = _describe("sam", sam_src, sam.config)

@@ -243,6 +243,9 @@ class LisaPipeline:
         self.lock = threading.Lock()
         self._cache: OrderedDict[str, _ImageEncoding] = OrderedDict()
         self._n_image_tokens = image_token_count(loaded.processor)
+        # Extra keyword arguments for generate (the benchmark forces an answer's length with a
+        # logits processor); empty in normal use.
+        self.generation_options: dict[str, object] = {}
 
     @classmethod
     def from_config(
@@ -386,6 +389,7 @@ class LisaPipeline:
             max_new_tokens=self.max_new_tokens,
             pad_token_id=_pad_id(tokenizer),
             eos_token_id=eos_id,
+            **self.generation_options,
         )
         generated = out.sequences[:, batch["input_ids"].shape[1] :]
         # hidden_states[t][-1][:, -1]: the post-norm state that predicted generated token t.
