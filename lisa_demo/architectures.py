@@ -71,7 +71,7 @@ def sam_variant(source: str) -> str:
 def sam_vit_config(variant: str = "base"):  # -> SamConfig
     from transformers import SamConfig, SamVisionConfig
 
-    vision = SamVisionConfig(
-        **SAM_VARIANTS[variant], mlp_dim=4 * SAM_VARIANTS[variant]["hidden_size"]
-    )
+    hidden = SAM_VARIANTS[variant]["hidden_size"]
+    # Random weights at a realistic scale (the config default of 1e-10 gives subnormal floats).
+    vision = SamVisionConfig(**SAM_VARIANTS[variant], mlp_dim=4 * hidden, initializer_range=0.02)
     return SamConfig(vision_config=vision)

@@ -158,6 +158,9 @@ def sam_config():  # -> SamConfig
         num_pos_feats=hidden // 2,
         window_size=8,
         global_attn_indexes=[1, 3],
+        # transformers' default (1e-10) suits loading weights, not training from scratch:
+        # near-zero weights make subnormal activations that are slow and barely learn.
+        initializer_range=0.02,
     )
     prompt = SamPromptEncoderConfig(
         hidden_size=hidden,
