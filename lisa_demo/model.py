@@ -39,6 +39,13 @@ def seg_query_mask(input_ids: torch.Tensor, seg_token_id: int) -> torch.Tensor:
     return query
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: positions whose logits predict a scored label (labels shifted left)."""
+    scored = torch.zeros_like(labels, dtype=torch.bool)
+    scored[:, :-1] = labels[:, 1:] != -100
+    return scored
+
+
 def upsample_mask_logits(
     low_res: torch.Tensor,
     pad_size: int,
@@ -184,14 +191,25 @@ class LisaModel(nn.Module):
                 raise ValueError("pass image_embeddings or sam_pixel_values")
             image_embeddings = self.encode_images(sam_pixel_values)
         llava_dtype = self.llava.get_input_embeddings().weight.dtype
+        # Vocabulary logits only where a label is scored (the answer tokens): the [B, L, V]
+        # tensor over prompt and image positions is most of the LM head's memory.
+        scored = None if labels is None else answer_positions(labels)
         out = self.llava(
             input_ids=input_ids,
             attention_mask=attention_mask,
             pixel_values=pixel_values.to(llava_dtype),
-            labels=labels,
             output_hidden_states=True,
             return_dict=True,
+            logits_to_keep=scored if scored is not None else 1,
         )
+        ce_loss = None
+        if labels is not None:
+            targets = labels[:, 1:][scored[:, :-1]]
+            ce_loss = (
+                F.cross_entropy(out.logits.float(), targets)
+                if targets.numel()
+                else out.logits.sum() * 0.0
+            )
         last_hidden = out.hidden_states[-1]  # after the final norm
         query = seg_query_mask(input_ids, self.seg_token_id)
         prompts = [self.project(last_hidden[b][query[b]]) for b in range(input_ids.shape[0])]
@@ -202,7 +220,7 @@ class LisaModel(nn.Module):
             mask_logits=mask_logits,
             scores=scores,
             mask_count=sum(int(m.shape[0]) for m in mask_logits),
-            ce_loss=out.loss,
+            ce_loss=ce_loss,
         )
         if gt_masks is not None:
             self._add_losses(result, gt_masks)

@@ -129,6 +129,27 @@ def test_two_seg_tokens_give_two_masks_at_original_size_and_weighted_losses(
             model(**inputs, gt_masks=_targets(scene_image.shape[:2], 1))
 
 
+def test_text_loss_scores_only_the_answer_and_matches_the_full_logits_loss(
+    tiny_loaded, make_inputs, scene_image
+):
+    """Logits are computed only at answer positions; the loss equals LLaVA's own CE over
+    the full logits with the same labels (prompt and image positions ignored)."""
+    model = tiny_loaded.model
+    inputs = make_inputs(tiny_loaded, scene_image, QUESTION, "Sure, [SEG].")
+    with torch.no_grad():
+        ours = model(**inputs).ce_loss
+        full = model.llava(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"],
+            labels=inputs["labels"],
+        )
+    assert full.logits.shape[1] == inputs["input_ids"].shape[1]
+    assert ours.item() == pytest.approx(full.loss.item(), rel=1e-5)
+    answer_tokens = int((inputs["labels"] != -100).sum())
+    assert 0 < answer_tokens < inputs["input_ids"].shape[1] // 4
+
+
 # What trains --------------------------------------------------------------------------------
 TRAINABLE = re.compile(
     r"llava\.base_model\.model\.model\.language_model\.layers\.\d+\.self_attn\."

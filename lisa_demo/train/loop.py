@@ -46,6 +46,21 @@ def lr_at(step: int, total: int, warmup: int, kind: str, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (8 bytes of state per trainable parameter), or bitsandbytes' paged 8-bit AdamW
+    (2 bytes, paged to CPU memory under GPU memory pressure; unpaged on a CPU)."""
+    kwargs = {"lr": cfg.learning_rate, "betas": (0.9, 0.95), "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "paged_adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ConfigError(
+                "--optimizer paged_adamw_8bit needs bitsandbytes: pip install bitsandbytes"
+            ) from err
+        return bnb.optim.PagedAdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA max allocated on a GPU, peak resident set size on a CPU."""
     if device.type == "cuda":
@@ -190,9 +205,7 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # master weights in fp32; autocast does the low-precision math
         p.data = p.data.float()
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
-    )
+    optimizer = build_optimizer(params, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     batcher = SampleBatcher(loaded.processor, loaded.sam_processor, seed=cfg.seed)

@@ -22,6 +22,7 @@ from lisa_demo.config import (
 )
 
 SCHEDULERS = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 METRICS = ("giou", "ciou")
 
 
@@ -43,6 +44,7 @@ class TrainConfig:
     grad_accum: int = 1
     learning_rate: float = 3e-4
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | paged_adamw_8bit (bitsandbytes, 2 bytes of state/param)
     lr_scheduler: str = "linear"
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -88,6 +90,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")  # fmt: skip
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be one of {OPTIMIZERS}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ConfigError(f"--lr-scheduler must be one of {SCHEDULERS}")
         if self.select_metric not in METRICS:
@@ -148,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "grad-accum", type=int, default=1)
     _add(p, "learning-rate", type=float, default=3e-4)
     _add(p, "weight-decay", type=float, default=0.0)
+    _add(
+        p,
+        "optimizer",
+        choices=OPTIMIZERS,
+        default="adamw",
+        help="paged_adamw_8bit: bitsandbytes PagedAdamW8bit, 2 bytes of state per parameter",
+    )
     _add(p, "lr-scheduler", choices=SCHEDULERS, default="linear")
     _add(p, "warmup-steps", type=int, default=0)
     _add(p, "max-grad-norm", type=float, default=1.0)
@@ -223,6 +234,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         grad_accum=args.grad_accum,
         learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
+        optimizer=args.optimizer,
         lr_scheduler=args.lr_scheduler,
         warmup_steps=args.warmup_steps,
         max_grad_norm=args.max_grad_norm,

@@ -17,15 +17,27 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     state = optimizer.state_dict()
     tensors = {}
     for index, slots in state["state"].items():
-        for name, value in slots.items():
+        for name, value in _flat(slots):
             tensor = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{index}.{name}"] = tensor.detach().cpu().contiguous()
+            # A copy: bitsandbytes shares one quantization map between parameters, and
+            # safetensors refuses tensors that share memory.
+            tensors[f"{index}.{name}"] = tensor.detach().to("cpu", copy=True).contiguous()
     save_file(tensors, str(folder / OPTIMIZER_FILE))
     groups = [
         {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
         for g in state["param_groups"]
     ]
     (folder / "optimizer_groups.json").write_text(json.dumps(groups))
+
+
+def _flat(slots: dict, prefix: str = ""):
+    """(dotted name, value) pairs of a parameter's state; nested dicts (bitsandbytes'
+    __bnb_optimizer_quant_state__) become "outer.inner"."""
+    for name, value in slots.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
@@ -36,8 +48,11 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
             group["betas"] = tuple(group["betas"])
     state: dict[int, dict] = {}
     for key, tensor in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = tensor
+        index, *names = key.split(".")
+        slot = state.setdefault(int(index), {})
+        for name in names[:-1]:  # bitsandbytes nests its 8-bit state one level down
+            slot = slot.setdefault(name, {})
+        slot[names[-1]] = tensor
     current = optimizer.state_dict()
     if len(groups) != len(current["param_groups"]) or any(
         len(g["params"]) != len(c["params"])

@@ -185,13 +185,14 @@ def test_bad_input_stops_with_one_clear_line(args, message, tmp_path, capsys):
 
 
 def test_empty_or_unusable_dataset_is_refused(tmp_path, capsys):
+    out = tmp_path / "o"
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "val").mkdir()
-    assert train_main(["--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert train_main(["--dataset", str(tmp_path / "data"), "--output-dir", str(out)]) == 2
     assert "error:" in capsys.readouterr().err
     (tmp_path / "data" / "train" / "a.json").write_text("{not json")
     (tmp_path / "data" / "train" / "a.jpg").write_bytes(b"not an image")
-    assert train_main(["--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert train_main(["--dataset", str(tmp_path / "data"), "--output-dir", str(out)]) == 2
     assert "error:" in capsys.readouterr().err
 
 
