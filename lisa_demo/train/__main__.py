@@ -13,15 +13,31 @@ from lisa_demo.loading import ModelLoadError
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelLoadError)
 
 
+def _record_early_failure(argv: list[str] | None, error: Exception) -> None:
+    """A run refused before it started still tells events.jsonl readers (the app) why."""
+    from lisa_demo.train.events import EventLog
+    from lisa_demo.train.options import build_parser
+
+    known, _ = build_parser().parse_known_args(argv)
+    log = EventLog(known.output_dir)
+    log.emit("end", status="failed", error=str(error), step=0)
+    log.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     from lisa_demo.train.options import parse_args
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = parse_args(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        _record_early_failure(argv, err)
+        return 2
+    try:
         from lisa_demo.train.loop import train
 
-        status = train(cfg)
+        status = train(cfg)  # records its own failures in events.jsonl
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -182,6 +182,8 @@ def test_bad_input_stops_with_one_clear_line(args, message, tmp_path, capsys):
     assert train_main([*args, "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    end = read_events(tmp_path / "out")[-1]  # the app reads why the run did not start
+    assert end["event"] == "end" and end["status"] == "failed" and message in end["error"]
 
 
 def test_empty_or_unusable_dataset_is_refused(tmp_path, capsys):
