@@ -43,7 +43,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (240, 120, 185),
 }
 CONCEPTS: tuple[str, ...] = SHAPE_KINDS + tuple(COLOURS)
-SIZES: dict[str, float] = {"small": 0.13, "medium": 0.19, "large": 0.27}  # sqrt(area) / short side
+SIZES: dict[str, float] = {"small": 0.18, "medium": 0.25, "large": 0.34}  # sqrt(area) / short side
 FAMILIES = ("attribute", "function", "superlative", "spatial", "uniqueness")
 
 IMAGE_SIDES = (192, 320)  # width and height range, pixels
