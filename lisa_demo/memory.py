@@ -39,7 +39,9 @@ Transients that never coexist with the step's activations
     for the rest (N = g^2 tokens, w = encoder width).
 Inference
     weights (heads in the compute dtype, LoRA in fp32), the per-image cache (SAM embeddings +
-    LLaVA vision features of `cache_images` images), KV cache 2 n B (L + T) kv b, the hidden
+    LLaVA vision features of `cache_images` images), the prompt-prefix KV caches of the
+    `prefix_caches` most recent images 2 n (N + 4) kv b (N image tokens after BOS and "USER: "),
+    KV cache 2 n B (L + T) kv b, the hidden
     states generate returns for every step (n + 1) B (L + T) h b, the prefill's largest MLP
     transient 3 B L I b, the largest dequantized weight and, with LoRA, peft's merged lm_head
     copy V h b; or, if larger, the
@@ -64,6 +66,7 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # codes + 8-bit absmax per 64 + fp32 ab
 CUDA_CONTEXT_BYTES = GIB // 2
 FRAGMENTATION = 0.10
 DEFAULT_TEXT_TOKENS = 64  # prompt template + question + answer, beyond the image tokens
+PREFIX_TEXT_TOKENS = 4  # BOS and "USER: " before the image tokens (the cached prompt prefix)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "paged_adamw_8bit": 2}
 SAM_DECODER_ELEMENTS_PER_CELL_AND_CHANNEL = 24
@@ -337,13 +340,15 @@ def estimate_memory(
     new_tokens: int = 48,
     masks_per_sample: int = 1,
     cache_images: int = 16,
+    prefix_caches: int = 2,
 ) -> MemoryEstimate:
     """Peak GPU memory of inference and of a LoRA training step for `cfg`.
 
     seq_len: tokens per sample, image tokens included (default: image tokens + 64);
     gradient_checkpointing: default cfg.gradient_checkpointing; sam_variant: base / large /
     huge (default: from cfg.sam); optimizer: adamw | paged_adamw_8bit; new_tokens: answer
-    length for inference; cache_images: images the pipeline keeps encoded.
+    length for inference; cache_images: images the pipeline keeps encoded; prefix_caches:
+    images that also keep their prompt prefix's KV cache (LisaPipeline's prefix_cache_size).
     """
     if cfg.train_all:
         raise ConfigError("the estimator covers LoRA / heads-only training, not --train-all")
@@ -375,6 +380,7 @@ def estimate_memory(
         new_tokens=new_tokens,
         masks_per_sample=masks_per_sample,
         cache_images=cache_images,
+        prefix_caches=prefix_caches,
     )
 
 
@@ -391,6 +397,7 @@ def estimate_from_counts(
     new_tokens: int,
     masks_per_sample: int,
     cache_images: int,
+    prefix_caches: int,
 ) -> MemoryEstimate:
     """The module docstring's formulas, applied to given counts (pure arithmetic)."""
     if optimizer not in OPTIMIZER_STATE_BYTES:
@@ -414,7 +421,7 @@ def estimate_from_counts(
     )  # fmt: skip
     inference = _inference_plan(
         c, b, shared, prompt_len=seq_len, new_tokens=new_tokens, cache_images=cache_images,
-        dequantized=dequantized,
+        prefix_caches=prefix_caches, dequantized=dequantized,
     )  # fmt: skip
     return MemoryEstimate(setting=setting, counts=counts, inference=inference, training=training)
 
@@ -444,15 +451,19 @@ def _inference_plan(
     prompt_len: int,
     new_tokens: int,
     cache_images: int,
+    prefix_caches: int,
     dequantized: int,
 ) -> MemoryPlan:
     steps = prompt_len + new_tokens
     per_image = c.sam_embedding_channels * c.sam_grid**2 + c.image_tokens * c.vision_feature_dim
+    prefix = c.image_tokens + PREFIX_TEXT_TOKENS
     resident = shared + (
         MemoryTerm("projection + mask decoder", (c.projection + c.sam_decoder) * b, f"{b} bytes"),
         MemoryTerm("LoRA + [SEG] rows", (c.lora + c.seg_rows) * 4, "fp32"),
         MemoryTerm("image cache", cache_images * per_image * b, f"{cache_images} images"),
-    )
+        MemoryTerm("prompt-prefix KV caches", prefix_caches * 2 * c.layers * prefix * c.kv_dim * b,
+                   f"{prefix_caches} images x {prefix} positions"),
+    )  # fmt: skip
     generation = (
         MemoryTerm("KV cache", 2 * c.layers * steps * c.kv_dim * b, f"{steps} positions"),
         MemoryTerm("hidden states kept by generate", (c.layers + 1) * steps * c.hidden * b,

@@ -30,7 +30,7 @@ FAKE = ArchitectureCounts(
 )  # fmt: skip
 SETTING = dict(
     quantization="4bit", precision="bf16", batch_size=1, seq_len=10, gradient_checkpointing=False,
-    optimizer="adamw", new_tokens=2, masks_per_sample=1, cache_images=1,
+    optimizer="adamw", new_tokens=2, masks_per_sample=1, cache_images=1, prefix_caches=1,
 )  # fmt: skip
 
 
@@ -101,6 +101,8 @@ def test_inference_arithmetic_by_hand():
     assert resident["projection + mask decoder"] == (20 + 30) * 2
     assert resident["LoRA + [SEG] rows"] == (40 + 10) * 4
     assert resident["image cache"] == 1 * (4 * 16 + 4 * 8) * 2  # SAM embedding + features
+    # One image's prompt prefix: 4 image tokens + BOS and "USER: " (4) = 8 positions, K and V.
+    assert resident["prompt-prefix KV caches"] == 1 * 2 * 2 * 8 * 8 * 2  # 512
     generation = plan.as_dict()["transients"]["generation"]
     positions = 10 + 2
     assert generation["KV cache"] == 2 * 2 * positions * 8 * 2  # 768
@@ -108,7 +110,7 @@ def test_inference_arithmetic_by_hand():
     assert generation["prefill MLP transient"] == 3 * 10 * 24 * 2  # 1440
     assert generation["dequantized weight"] == 192 * 2
     assert plan.largest_transient == ("generation", 768 + 576 + 1440 + 384 + 800)
-    assert plan.allocated == 516 + 400 + 200 + 100 + 200 + 192 + 3968
+    assert plan.allocated == 516 + 400 + 200 + 100 + 200 + 192 + 512 + 3968
 
 
 def test_8bit_and_unquantized_linears_and_fp32_compute():
@@ -164,7 +166,13 @@ def test_7b_qlora_estimate_orders_its_options():
     paged = estimate_memory(cfg, gradient_checkpointing=True, optimizer="paged_adamw_8bit")
     assert paged.training.allocated < base.training.allocated < huge.training.allocated
     assert base.training.allocated < no_gc.training.allocated
-    assert base.inference.allocated < base.training.allocated
+    # The pipeline keeps 2 prompt prefixes (576 image tokens + 4) by default; without them
+    # inference needs less than a training step.
+    no_prefix = estimate_memory(
+        cfg, batch_size=1, gradient_checkpointing=True, sam_variant="base", prefix_caches=0
+    )
+    assert base.inference.allocated - no_prefix.inference.allocated == 2 * 2 * 32 * 580 * 4096 * 2
+    assert no_prefix.inference.allocated < base.training.allocated
     table = base.as_table()
     assert "allocated peak" in table and "fits:" in table
 

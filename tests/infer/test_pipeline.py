@@ -178,19 +178,169 @@ def test_unforced_generation_runs_end_to_end(pipeline, scene_image):
     assert len(result.masks) == result.answer.count("[SEG]")
 
 
-@pytest.mark.parametrize("variant", ["bf16", "4bit"])
-def test_reduced_precision_models_segment(variant, force_answer, scene_image):
+@pytest.mark.parametrize("variant", ["bf16", "4bit", "lora", "4bit-lora"])
+def test_reduced_precision_and_lora_models_segment_and_reuse_the_prefix(
+    variant, force_answer, scene_image
+):
     from lisa_demo.config import preset
 
-    cfg = preset("tiny-random")
-    cfg = cfg.replace(precision="bf16") if variant == "bf16" else cfg.replace(quantization="4bit")
-    pipeline = LisaPipeline.from_config(cfg, device="cpu", max_new_tokens=8)
+    changes = {
+        "bf16": {"precision": "bf16"},
+        "4bit": {"quantization": "4bit"},
+        "lora": {"use_lora": True},
+        "4bit-lora": {"quantization": "4bit", "use_lora": True},
+    }[variant]
+    pipeline = LisaPipeline.from_config(
+        preset("tiny-random").replace(**changes), device="cpu", max_new_tokens=8
+    )
     force_answer(pipeline.loaded, "[SEG].")
     result = pipeline.segment(scene_image, QUESTION, keep_logits=True)
     assert len(result.masks) == 1
     assert result.masks[0].mask.shape == scene_image.shape[:2]
     assert result.masks[0].logits.dtype == np.float32
     assert np.isfinite(result.masks[0].logits).all() and np.isfinite(result.masks[0].score)
+    again = pipeline.segment(scene_image, QUESTION, keep_logits=True)  # from the cached prefix
+    assert again.cache_hit
+    np.testing.assert_array_equal(again.masks[0].logits, result.masks[0].logits)
+
+
+# The prompt-prefix KV cache -----------------------------------------------------------------
+def test_prompt_prefix_ids_do_not_depend_on_the_question(tiny_loaded):
+    """Tokenization splits around the special <image> token: BOS, "USER: " and the image
+    tokens come out the same whatever follows."""
+    from lisa_demo.config import IMAGE_TOKEN
+    from lisa_demo.inputs import encode_text, image_token_count
+
+    tokenizer = tiny_loaded.tokenizer
+    n_image = image_token_count(tiny_loaded.processor)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    questions = [QUESTION, "x", "\n  leading newline", "ünïcödé 日本", "<s> ASSISTANT: [SEG]"]
+    prefixes = set()
+    for question in questions:
+        ids = encode_text(tokenizer, question, None, n_image)[0]
+        last = max(i for i, t in enumerate(ids) if t == image_id)
+        prefixes.add(tuple(ids[: last + 1]))
+    assert len(prefixes) == 1
+    (prefix,) = prefixes
+    head = tokenizer("USER:", add_special_tokens=True).input_ids  # BOS + "USER:"
+    assert list(prefix[: len(head)]) == head
+    assert prefix[-n_image:] == (image_id,) * n_image
+    assert image_id not in prefix[:-n_image]
+
+
+def _language_model_lengths(loaded) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    """Records how many positions each forward of the language model processes."""
+    lengths: list[int] = []
+    llava = loaded.model.llava
+    llava = llava.get_base_model() if hasattr(llava, "get_base_model") else llava
+
+    def record(module, args, kwargs):
+        lengths.append(kwargs["inputs_embeds"].shape[1])
+
+    handle = llava.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    return lengths, handle
+
+
+def test_second_query_reuses_the_prefix_and_matches_the_uncached_path(
+    tiny_loaded, force_answer, scene_image
+):
+    """First query, second query (prefix from the cache) and a pipeline with the cache
+    disabled give the same answer, masks and scores; the second prefills only the question."""
+    lengths, handle = _language_model_lengths(tiny_loaded)
+    try:
+        for answer in (TWO_SEG, None):  # forced, then the random model's own answer
+            if answer is not None:
+                force_answer(tiny_loaded, answer)
+            cached = LisaPipeline(tiny_loaded, max_new_tokens=12)
+            lengths.clear()
+            first = cached.segment(scene_image, QUESTION, keep_logits=True)
+            first_lengths = list(lengths)
+            lengths.clear()
+            second = cached.segment(scene_image, QUESTION, keep_logits=True)
+            second_lengths = list(lengths)
+            disabled = LisaPipeline(tiny_loaded, cache_size=0, max_new_tokens=12)
+            fresh = disabled.segment(scene_image, QUESTION, keep_logits=True)
+            assert [r.cache_hit for r in (first, second, fresh)] == [False, True, False]
+            assert first.answer == second.answer == fresh.answer
+            if answer is not None:
+                assert len(first.masks) == 2
+            for other in (second, fresh):
+                assert len(other.masks) == len(first.masks)
+                for a, b in zip(first.masks, other.masks, strict=True):
+                    assert np.array_equal(a.mask, b.mask)
+                    np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=1e-5)
+                    np.testing.assert_allclose(a.score, b.score, rtol=0, atol=1e-5)
+            prefix = len(next(iter(cached._cache.values())).prefix.ids)
+            question = first_lengths[1]
+            assert first_lengths[:2] == [prefix, question]  # prefix, then the question part
+            assert second_lengths[0] == question  # the prefix came from the cache
+            assert all(n == 1 for n in first_lengths[2:] + second_lengths[1:])  # decoding
+            assert len(second_lengths) == len(first_lengths) - 1
+    finally:
+        handle.remove()
+
+
+def test_split_prefill_matches_one_generate_over_the_whole_prompt(
+    pipeline, tiny_loaded, force_answer, scene_image
+):
+    """The prefix-then-question generation gives the tokens and [SEG] states of one plain
+    generate call over the whole prompt (the path before the prefix cache)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from lisa_demo.inputs import collate_text
+
+    force_answer(tiny_loaded, TWO_SEG)
+    pipeline.segment(scene_image, QUESTION)  # fills the cache, prefix included
+    with torch.inference_mode():
+        encoding, hit = pipeline._encode_image(scene_image)
+        assert hit and encoding.prefix is not None
+        split = pipeline._generate(encoding, [QUESTION])[0]
+        batch = collate_text(pipeline._prompt_ids([QUESTION]), None, 0)
+        features = BaseModelOutputWithPooling(pooler_output=[encoding.image_features])
+        out = pipeline._llava.generate(
+            **batch, mm_encoder_outputs={"image": features}, do_sample=False,
+            output_hidden_states=True, return_dict_in_generate=True, max_new_tokens=12,
+            pad_token_id=0, eos_token_id=tiny_loaded.tokenizer.eos_token_id,
+        )  # fmt: skip
+    states = torch.stack([step[-1][0, -1] for step in out.hidden_states])
+    tokens = out.sequences[0, batch["input_ids"].shape[1] :]
+    seg = tokens[: len(states)] == tiny_loaded.seg_token_id
+    assert split.text == TWO_SEG
+    torch.testing.assert_close(split.seg_states, states[seg], rtol=1e-5, atol=1e-5)
+
+
+def test_batches_share_the_cached_prefix(tiny_loaded, force_answer, scene_image):
+    answers = ["[SEG].", "Sure, it is [SEG] and the other [SEG].", "No."]
+    queries = [QUESTION, "Which shape would roll down a hill? Tell me.", "Cat?"]
+    force_answer(tiny_loaded, *answers)
+    cached = LisaPipeline(tiny_loaded, max_new_tokens=12)
+    cached.segment_batch(scene_image, queries)
+    again = cached.segment_batch(scene_image, queries, keep_logits=True)
+    fresh = LisaPipeline(tiny_loaded, cache_size=0, max_new_tokens=12).segment_batch(
+        scene_image, queries, keep_logits=True
+    )
+    assert all(r.cache_hit for r in again)
+    assert [r.answer for r in again] == [r.answer for r in fresh] == answers
+    for a_result, b_result in zip(again, fresh, strict=True):
+        for a, b in zip(a_result.masks, b_result.masks, strict=True):
+            assert np.array_equal(a.mask, b.mask)
+            np.testing.assert_allclose(a.score, b.score, rtol=0, atol=1e-5)
+
+
+def test_prefix_caches_are_bounded_separately(tiny_loaded):
+    pipeline = LisaPipeline(tiny_loaded, cache_size=3, prefix_cache_size=1, max_new_tokens=1)
+    images = [np.full((16, 16, 3), value, dtype=np.uint8) for value in (0, 100, 200)]
+    for image in images:
+        pipeline.segment(image, "what")
+    assert [e.prefix is not None for e in pipeline._cache.values()] == [False, False, True]
+    assert pipeline.segment(images[0], "again").cache_hit  # encodings kept, prefix rebuilt
+    with_prefix = [key for key, e in pipeline._cache.items() if e.prefix is not None]
+    assert with_prefix == [pipeline._cache_key(images[0])]  # now the most recent image
+    none = LisaPipeline(tiny_loaded, prefix_cache_size=0, max_new_tokens=1)
+    none.segment(images[0], "what")
+    assert all(e.prefix is None for e in none._cache.values())
+    with pytest.raises(ValueError, match="prefix_cache_size"):
+        LisaPipeline(tiny_loaded, prefix_cache_size=-1)
 
 
 # Queries ------------------------------------------------------------------------------------
