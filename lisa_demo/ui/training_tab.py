@@ -1,4 +1,5 @@
-"""The Training tab: data source, settings, start/stop, live log, curves and checkpoints."""
+"""The Training tab: data source, settings, memory estimate, start/stop, live log, curves and
+checkpoints."""
 
 from __future__ import annotations
 
@@ -9,8 +10,17 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
-from lisa_demo.config import BUNDLED_MODEL_DIR, PRECISIONS, PRESETS, QUANTIZATIONS
+from lisa_demo.config import (
+    BUNDLED_MODEL_DIR,
+    PRECISIONS,
+    PRESETS,
+    QUANTIZATIONS,
+    ConfigError,
+    ModelConfig,
+    preset,
+)
 from lisa_demo.data.synthetic import CONCEPTS
+from lisa_demo.memory import GIB, MemoryEstimate, MemoryPlan, estimate_memory
 from lisa_demo.ui.runs import (
     PRESET_DEFAULT,
     RunBusy,
@@ -35,6 +45,12 @@ NO_RUN = "No training run yet. Choose data and settings, then press Start."
 ZIP_HELP = (
     "A .zip with train/ and val/ folders of NAME.jpg + NAME.json pairs (ReasonSeg layout), or "
     "one folder of pairs (every fifth becomes validation)."
+)
+MEMORY_TITLE = "**Estimated GPU memory**"
+TINY_PRESETS = ("tiny", "tiny-random")
+TINY_NOTE = (
+    "These are GPU figures (a CUDA context alone takes 0.5 GiB); the tiny models themselves "
+    "need well under 1 GB and train on a CPU."
 )
 
 
@@ -164,6 +180,97 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
     return train
 
 
+def training_model_config(
+    settings: AppSettings,
+    preset_name: str,
+    quantization: str,
+    precision: str,
+    lora_rank: int,
+    lora_targets: tuple[str, ...],
+) -> ModelConfig:
+    """The model configuration a run started with these settings trains (LoRA, as the trainer
+    does by default; the app's own LLaVA/SAM overrides when it is the app's preset)."""
+    changes: dict[str, object] = {
+        "use_lora": True,
+        "lora_r": lora_rank,
+        "lora_targets": lora_targets,
+    }
+    if precision != PRESET_DEFAULT:
+        changes["precision"] = precision
+    if quantization != PRESET_DEFAULT:
+        changes["quantization"] = quantization
+    if preset_name == settings.preset:
+        changes.update({k: v for k, v in (("llava", settings.llava), ("sam", settings.sam)) if v})
+    if preset_name == "tiny" and not BUNDLED_MODEL_DIR.is_dir():
+        changes["build_tiny"] = True  # not bundled yet: the same architecture, built here
+    return preset(preset_name).replace(**changes)
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def _plan_row(name: str, plan: MemoryPlan) -> str:
+    return f"| {name} | {_size(plan.allocated)} | {_size(plan.total)} | {plan.card} |"
+
+
+def memory_markdown(estimate: MemoryEstimate, cfg: ModelConfig, preset_name: str) -> str:
+    """The estimate as a short Markdown table: peaks and the smallest card that holds them."""
+    setting = estimate.setting
+    targets = ", ".join(cfg.lora_targets)
+    quantization = setting["quantization"]
+    weights = "no quantization" if quantization == "none" else f"{quantization} quantization"
+    checkpointing = "on" if setting["gradient_checkpointing"] else "off"
+    lines = [
+        MEMORY_TITLE,
+        "",
+        "| | peak allocated | card must hold | smallest card |",
+        "|---|---:|---:|---|",
+        _plan_row(f"Training step (batch {setting['batch_size']})", estimate.training),
+        _plan_row("Inference", estimate.inference),
+        "",
+        f"{preset_name}: {weights}, {setting['precision']}, LoRA rank {setting['lora_r']} on "
+        f"{targets}, {setting['seq_len']} tokens per sample, gradient checkpointing "
+        f"{checkpointing}, AdamW. The card must hold the peak plus the CUDA context (0.5 GiB) "
+        "and 10% allocator slack.",
+    ]
+    if preset_name in TINY_PRESETS:
+        lines += ["", TINY_NOTE]
+    return "\n".join(lines)
+
+
+def make_memory_handler(settings: AppSettings):
+    """The handler that turns the tab's model settings into the memory estimate's Markdown."""
+
+    def estimate_training_memory(
+        preset_name: str = DEFAULT_PRESET,
+        quantization: str = PRESET_DEFAULT,
+        precision: str = PRESET_DEFAULT,
+        lora_rank: float | None = 8,
+        lora_targets: list[str] | None = None,
+        batch_size: float | None = 2,
+    ) -> str:
+        if not lora_rank or lora_rank < 1:
+            return f"{MEMORY_TITLE}: set a LoRA rank of at least 1."
+        if not lora_targets:
+            return f"{MEMORY_TITLE}: choose at least one LoRA target."
+        if not batch_size or batch_size < 1:
+            return f"{MEMORY_TITLE}: set a batch size of at least 1."
+        try:
+            cfg = training_model_config(
+                settings, preset_name, quantization, precision, int(lora_rank),
+                tuple(lora_targets),
+            )  # fmt: skip
+            estimate = estimate_memory(cfg, batch_size=int(batch_size))
+        except ConfigError as err:
+            return f"{MEMORY_TITLE}: not available for these settings ({err})."
+        except Exception as err:  # an estimate must never break the tab
+            return f"{MEMORY_TITLE}: could not be computed ({type(err).__name__}: {err})."
+        return memory_markdown(estimate, cfg, preset_name)
+
+    return estimate_training_memory
+
+
 def make_stop_handler(manager: TrainingManager):
     def stop_training() -> str:
         message = manager.stop()
@@ -242,6 +349,7 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
                     quantization = gr.Dropdown(
                         [PRESET_DEFAULT, *QUANTIZATIONS], value=PRESET_DEFAULT, label="Quantization"
                     )
+            memory = gr.Markdown(elem_id="training-memory")
             with gr.Row():
                 start = gr.Button("Start training", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
@@ -275,6 +383,16 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
     )
     train_for.change(
         _length_visibility, inputs=train_for, outputs=[epochs, max_steps], api_visibility="private"
+    )
+    gr.on(
+        None,  # on page load and whenever one of the inputs changes
+        make_memory_handler(settings),
+        inputs=[preset, quantization, precision, lora_rank, lora_targets, batch_size],
+        outputs=memory,
+        api_visibility="private",
+        trigger_mode="always_last",
+        concurrency_limit=None,
+        show_progress="hidden",
     )
     start.click(
         make_train_handler(settings, manager),

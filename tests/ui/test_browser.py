@@ -82,6 +82,14 @@ def test_example_segments_then_a_training_run_streams(
 
     # Training: a short fake run; the log and the loss curve update while it runs.
     page.get_by_role("tab", name="Training").click()
+    memory = page.locator("#training-memory")
+    expect(memory).to_contain_text("Estimated GPU memory")  # computed on page load
+    expect(memory).to_contain_text("Training step (batch 2)")
+    page.get_by_label("Batch size").fill("4")
+    expect(memory).to_contain_text("Training step (batch 4)")
+    page.get_by_label("Batch size").fill("2")
+    expect(memory).to_contain_text("Training step (batch 2)")
+    page.screenshot(path=str(ARTIFACTS / "training-memory.png"), full_page=True)
     page.get_by_label("Max steps").fill("8")
     page.get_by_role("button", name="Start training").click()
     log = page.locator("#training-log textarea")
