@@ -44,6 +44,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 CONCEPTS: tuple[str, ...] = SHAPE_KINDS + tuple(COLOURS)
 SIZES: dict[str, float] = {"small": 0.18, "medium": 0.25, "large": 0.34}  # sqrt(area) / short side
+EXPLANATIONS_SUFFIX = "explanations.json"  # OUT/SPLIT_explanations.json
 FAMILIES = ("attribute", "function", "superlative", "spatial", "uniqueness")
 
 IMAGE_SIDES = (192, 320)  # width and height range, pixels
@@ -836,11 +837,30 @@ def generate_dataset(
         folder = out / split
         folder.mkdir(parents=True, exist_ok=True)
         split_rng = random.Random(_split_seed(seed, split))
+        explained = []
         for index in range(count):
             scene_rng = random.Random(split_rng.getrandbits(64))
             image, annotation = generate_scene(scene_rng, exclude_concept, focus_concept)
-            _write_pair(folder, f"{split}_{index:05d}", image, annotation)
+            name = f"{split}_{index:05d}"
+            _write_pair(folder, name, image, annotation)
+            explained += explanations_for(f"{name}.jpg", annotation)
+        # Beside the split folder (a JSON inside it would be read as an annotation).
+        text = json.dumps(explained, indent=1)
+        (out / f"{split}_{EXPLANATIONS_SUFFIX}").write_text(text, encoding="utf-8")
     return dict(splits)
+
+
+def target_description(annotation: dict) -> str:
+    """'It is the small red triangle.' for the scene's target (what an explanation says)."""
+    target = next(obj for obj in annotation["objects"] if obj["target"])
+    size = SIZE_WORDS[target["size"]][0]
+    return f"It is the {size} {target['colour']} {target['kind']}."
+
+
+def explanations_for(image_name: str, annotation: dict) -> list[dict]:
+    """ReasonSeg-style explanation entries ({image, query, outputs}), one per query."""
+    outputs = target_description(annotation)
+    return [{"image": image_name, "query": q, "outputs": outputs} for q in annotation["text"]]
 
 
 def _parser() -> argparse.ArgumentParser:

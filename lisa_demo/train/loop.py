@@ -117,7 +117,12 @@ def prepare_datasets(cfg: TrainConfig, accelerator) -> tuple[ReasonSegDataset, R
             )
             tmp.rename(root)
         accelerator.wait_for_everyone()
-    train = ReasonSegDataset(Path(root) / "train", queries=cfg.queries, seed=cfg.seed)
+    explanations = cfg.explanations
+    if cfg.synthetic and cfg.synthetic_explanations:
+        explanations = Path(root) / "train_explanations.json"
+    train = ReasonSegDataset(
+        Path(root) / "train", queries=cfg.queries, explanations=explanations, seed=cfg.seed
+    )
     val = ReasonSegDataset(Path(root) / "val", queries="first", seed=cfg.seed)
     return train, val
 

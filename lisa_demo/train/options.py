@@ -37,6 +37,8 @@ class TrainConfig:
     synthetic_seed: int = 0
     exclude_concept: str | None = None  # synthetic: leave this concept out
     focus_concept: str | None = None  # synthetic: every target has this concept
+    explanations: Path | None = None  # ReasonSeg explanations JSON: text after [SEG]
+    synthetic_explanations: bool = False  # synthetic: answers also describe the target
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run the epochs
     max_minutes: float = 0.0  # wall-clock budget; 0 = none (stops like SIGTERM)
@@ -132,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "synthetic-seed", type=int, default=0)
     _add(p, "exclude-concept", default=None, help="synthetic: leave a shape/colour word out")
     _add(p, "focus-concept", default=None, help="synthetic: every target has this concept")
+    _add(
+        p,
+        "explanations",
+        type=Path,
+        default=None,
+        help="JSON list of {image, query, outputs}: explanation text after [SEG]",
+    )
+    _add(
+        p,
+        "synthetic-explanations",
+        action="store_true",
+        help="synthetic: answers go on to name the target ('It is the small red star.')",
+    )
     _add(p, "output-dir", type=Path, required=True)
     _add(p, "preset", default="tiny", help=f"model preset: {', '.join(PRESETS)}")
     _add(p, "llava", default=None, help="LLaVA Hub id or folder (overrides the preset)")
@@ -227,6 +242,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         synthetic_seed=args.synthetic_seed,
         exclude_concept=args.exclude_concept,
         focus_concept=args.focus_concept,
+        explanations=args.explanations,
+        synthetic_explanations=args.synthetic_explanations,
         epochs=args.epochs,
         max_steps=args.max_steps,
         max_minutes=args.max_minutes,

@@ -53,7 +53,7 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.*"))}
 
     first, second, other = (contents(tmp_path / name) for name in "abc")
-    assert len(first) == 12 and first == second
+    assert len(first) == 14 and first == second  # 12 scene files + 2 explanation files
     assert first.keys() == other.keys()
     assert all(first[name] != other[name] for name in first)
     assert first["train/train_00000.json"] != first["val/val_00000.json"]  # split seeds differ
@@ -217,3 +217,26 @@ def test_cli_writes_splits_and_refuses_a_non_empty_folder(tmp_path, capsys):
     ]
     assert main(argv) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_explanations_name_the_target_of_every_query(tmp_path):
+    import random as _random
+
+    from lisa_demo.data.prompts import training_answer
+    from lisa_demo.data.reasonseg import ReasonSegDataset
+    from lisa_demo.data.synthetic import generate_dataset
+
+    generate_dataset(tmp_path, {"train": 4}, seed=5)
+    entries = json.loads((tmp_path / "train_explanations.json").read_text())
+    dataset = ReasonSegDataset(
+        tmp_path / "train", explanations=tmp_path / "train_explanations.json"
+    )
+    assert dataset.report.skipped == {}  # the file beside the split is not read as a record
+    assert len(entries) == len(dataset)
+    for sample in dataset:
+        annotation = json.loads(sample.record.json_path.read_text())
+        target = next(obj for obj in annotation["objects"] if obj["target"])
+        assert sample.explanation.startswith("It is the ")
+        assert target["colour"] in sample.explanation and target["kind"] in sample.explanation
+        answer = training_answer(_random.Random(0), sample.explanation)
+        assert answer.index("[SEG]") < answer.index(sample.explanation)
