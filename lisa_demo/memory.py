@@ -25,7 +25,8 @@ weights are needed to pass gradients through it)
     no checkpointing: B L n x that + B L (n + 1) h b (every layer's output, returned because
     LISA asks for hidden states); with checkpointing: the B L (n + 1) h b layer outputs (they are
     also the checkpoints) + one layer recomputed during backward.
-    logits: B L V x 10 bytes (bf16 logits, their fp32 upcast and the fp32 log-softmax kept by
+    logits: B A V x 10 bytes, A = scored answer tokens (LisaModel computes vocabulary logits only
+    where a label is scored; bf16 logits, their fp32 upcast and the fp32 log-softmax kept by
     the cross-entropy). [SEG] rows: peft's trainable tokens build a full copy of lm_head
     (V h b) and keep it for backward. A 4-bit/8-bit layer dequantizes its weight to b for
     each matmul (the largest such weight, in b). Autocast keeps a b copy of every fp32
@@ -66,6 +67,7 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # codes + 8-bit absmax per 64 + fp32 ab
 CUDA_CONTEXT_BYTES = GIB // 2
 FRAGMENTATION = 0.10
 DEFAULT_TEXT_TOKENS = 64  # prompt template + question + answer, beyond the image tokens
+DEFAULT_ANSWER_TOKENS = 16  # scored answer tokens per training sample ("Sure, it is [SEG].")
 PREFIX_TEXT_TOKENS = 4  # BOS and "USER: " before the image tokens (the cached prompt prefix)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "paged_adamw_8bit": 2}
@@ -398,6 +400,7 @@ def estimate_from_counts(
     masks_per_sample: int,
     cache_images: int,
     prefix_caches: int,
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS,
 ) -> MemoryEstimate:
     """The module docstring's formulas, applied to given counts (pure arithmetic)."""
     if optimizer not in OPTIMIZER_STATE_BYTES:
@@ -416,6 +419,7 @@ def estimate_from_counts(
     training = _training_plan(
         c, b, shared, _sam_encoder_terms(c, batch_size, b),
         batch=batch_size, seq_len=seq_len, checkpointing=gradient_checkpointing,
+        answer_tokens=min(answer_tokens, seq_len),
         optimizer=optimizer, masks=batch_size * masks_per_sample, dequantized=dequantized,
         autocast_copies=c.trainable * b if precision != "fp32" else 0,
     )  # fmt: skip
@@ -486,6 +490,7 @@ def _training_plan(
     batch: int,
     seq_len: int,
     checkpointing: bool,
+    answer_tokens: int,
     optimizer: str,
     masks: int,
     dequantized: int,
@@ -513,7 +518,8 @@ def _training_plan(
     step = (
         MemoryTerm("layer outputs (hidden states)", outputs, "(n + 1) B L h"),
         stored,
-        MemoryTerm("logits + fp32 loss copies", tokens * c.vocab * 10, "B L V x 10 bytes"),
+        MemoryTerm("logits + fp32 loss copies", batch * answer_tokens * c.vocab * 10,
+                   "B A V x 10 bytes (answer positions only)"),
         MemoryTerm("merged lm_head copy", c.vocab * c.hidden * b if c.seg_rows else 0,
                    "peft trainable tokens"),
         MemoryTerm("SAM decoder + mask losses", decoder, f"{masks} masks"),

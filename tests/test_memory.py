@@ -31,6 +31,7 @@ FAKE = ArchitectureCounts(
 SETTING = dict(
     quantization="4bit", precision="bf16", batch_size=1, seq_len=10, gradient_checkpointing=False,
     optimizer="adamw", new_tokens=2, masks_per_sample=1, cache_images=1, prefix_caches=1,
+    answer_tokens=3,
 )  # fmt: skip
 
 
@@ -54,7 +55,7 @@ def test_training_arithmetic_by_hand():
     # MLP 3*2*24 = 144 -> 320 bytes; 10 tokens, 2 layers -> 6400.
     assert step["LM layer activations"] == 6400
     assert step["layer outputs (hidden states)"] == (2 + 1) * 10 * 8 * 2  # 480
-    assert step["logits + fp32 loss copies"] == 10 * 50 * 10  # 5000
+    assert step["logits + fp32 loss copies"] == 3 * 50 * 10  # 1500: answer positions only
     assert step["merged lm_head copy"] == 50 * 8 * 2  # 800
     # SAM decoder: 24 * 4 channels * 4^2 cells * 2 bytes = 3072, + 8 fp32 maps of 16^2 = 8192.
     assert step["SAM decoder + mask losses"] == 3072 + 8192
@@ -62,12 +63,12 @@ def test_training_arithmetic_by_hand():
     assert step["autocast copies of trainable weights"] == 100 * 2
     encoder = plan.as_dict()["transients"]["SAM image encoder"]
     assert encoder == {"global-attention bias": 2 * 16 * 16 * 2, "encoder tensors": 8 * 16 * 4 * 2}
-    # Step: 480 + 6400 + 5000 + 800 + 11264 + 384 + 200 = 24528, more than the encoder's 2048.
+    # Step: 480 + 6400 + 1500 + 800 + 11264 + 384 + 200 = 21028, more than the encoder's 2048.
     # Resident: 516 + 400 + 200 + 400 + 400 + 800 = 2716.
-    assert plan.largest_transient == ("step activations", 24528)
-    assert plan.allocated == 2716 + 24528
-    assert plan.overhead == GIB // 2 + round(0.1 * 27244)
-    assert plan.total == 27244 + GIB // 2 + 2724
+    assert plan.largest_transient == ("step activations", 21028)
+    assert plan.allocated == 2716 + 21028
+    assert plan.overhead == GIB // 2 + round(0.1 * 23744)
+    assert plan.total == 23744 + GIB // 2 + 2374
     assert plan.card == "8 GB"
 
 
@@ -75,13 +76,13 @@ def test_checkpointing_and_paged_optimizer_arithmetic():
     checkpointed = _estimate(gradient_checkpointing=True).training
     step = checkpointed.as_dict()["transients"]["step activations"]
     assert step["one layer recomputed in backward"] == 10 * 320  # instead of 2 layers' 6400
-    assert checkpointed.allocated == 27244 - 3200
+    assert checkpointed.allocated == 23744 - 3200
     paged = _estimate(optimizer="paged_adamw_8bit").training
     assert paged.as_dict()["resident"]["optimizer state"] == 100 * 2
-    assert paged.allocated == 27244 - 600
+    assert paged.allocated == 23744 - 600
     # Batch 2: per-token and per-mask terms double; the weight copies (800 + 384 + 200) do not.
     batch2 = _estimate(batch_size=2).training
-    assert batch2.allocated == 2716 + 2 * (24528 - 1384) + 1384
+    assert batch2.allocated == 2716 + 2 * (21028 - 1384) + 1384
 
 
 def test_heads_only_training_has_no_language_model_backward():
