@@ -1,0 +1,41 @@
+"""Diagnostic: how much the [SEG]-predicting state and the projected prompt depend on the question.
+
+python scripts/diagnose_seg_state.py runs/pretrain/checkpoints/best   (a train_all checkpoint)
+"""
+
+import sys
+from dataclasses import replace
+
+import torch
+
+torch.set_num_threads(2)
+from lisa_demo.checkpoint import load_trainable_state
+from lisa_demo.config import preset
+from lisa_demo.data.reasonseg import ReasonSegDataset
+from lisa_demo.loading import load_lisa
+from lisa_demo.model import seg_query_mask
+from lisa_demo.train.data import SampleBatcher
+
+L = load_lisa(preset("tiny-random").replace(train_all=True), for_training=True)
+load_trainable_state(sys.argv[1], L.model)
+m = L.model.eval()
+ds = ReasonSegDataset("runs/pretrain/data/train", queries="first")
+b = SampleBatcher(L.processor, L.sam_processor)
+samples = [ds[i] for i in range(8)]
+fakes = [replace(s, query=ds[i + 20].query) for i, s in enumerate(samples)]
+batch = b(samples + fakes, training=False)
+with torch.no_grad():
+    o = m.llava(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        output_hidden_states=True,
+        return_dict=True,
+    )
+    q = seg_query_mask(batch["input_ids"], m.seg_token_id)
+    h = torch.stack([o.hidden_states[-1][i][q[i]][0] for i in range(16)])
+    pr = m.project(h)
+    alive = (torch.relu(m.text_hidden_fcs[0](h)) > 0).any(0).sum().item()
+    rel = ((pr[:8] - pr[8:]).norm(dim=1) / pr[:8].norm(dim=1)).mean().item()
+    hrel = ((h[:8] - h[8:]).norm(dim=1) / h[:8].norm(dim=1)).mean().item()
+print(f"alive units {alive}/256  prompt rel diff {rel:.3f}  hidden rel diff {hrel:.3f}")

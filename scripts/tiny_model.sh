@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Rebuild and score the bundled tiny LISA (assets/tiny-lisa). Every number in its model card
+# comes from these commands. CPU only; about an hour on 2 cores.
+#   bash scripts/tiny_model.sh            # everything
+#   STEP=score bash scripts/tiny_model.sh # only the scoring of the current bundle
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+STEP=${STEP:-all}
+
+if [ "$STEP" = all ]; then
+  # 1. Pretraining from scratch on synthetic scenes without hearts (the held-out concept).
+  python -m lisa_demo.train --preset tiny-random --train-all \
+    --synthetic 4000 --synthetic-seed 1 --exclude-concept heart --synthetic-explanations \
+    --queries random --batch-size 8 --learning-rate 1e-3 --warmup-steps 200 \
+    --lr-scheduler cosine --max-steps 6500 --max-minutes 55 --eval-every 800 \
+    --max-val-samples 100 --dice-weight 1.0 --iou-weight 1.0 --log-every 40 \
+    --seg-rate-samples 8 --export-model --seed 7 --output-dir runs/pretrain
+  # 2. Bundle the best checkpoint (float16 safetensors).
+  python -m lisa_demo.bundle --model runs/pretrain/model --run runs/pretrain --out assets/tiny-lisa
+fi
+
+# 3. Held-out scenes from seeds never used in training.
+[ -d runs/heldout ] || python -m lisa_demo.data.synthetic --out runs/heldout --train 0 \
+  --val 250 --seed 9001 --exclude-concept heart
+[ -d runs/heart-eval ] || python -m lisa_demo.data.synthetic --out runs/heart-eval --train 0 \
+  --val 100 --seed 4242 --focus-concept heart
+
+# 4. LISA protocol (first query per image, teacher-forced "[SEG].") and the [SEG] rate.
+python -m lisa_demo.eval --dataset runs/heldout/val --model-only --preset tiny --seg-rate 250 \
+  --per-sample runs/heldout-per-sample.json
+python -m lisa_demo.eval --dataset runs/heart-eval/val --model-only --preset tiny \
+  --per-sample runs/heart-before-per-sample.json
+
+# 5. The Training tab's default run: LoRA fine-tune on scenes whose targets are hearts.
+rm -rf runs/heart-finetune
+python -m lisa_demo.train --preset tiny --synthetic 200 --synthetic-seed 11 \
+  --focus-concept heart --max-steps 150 --batch-size 8 --learning-rate 1e-3 \
+  --lr-scheduler cosine --eval-every 50 --max-val-samples 40 --output-dir runs/heart-finetune
+python -m lisa_demo.eval --dataset runs/heart-eval/val --preset tiny \
+  --checkpoint runs/heart-finetune/checkpoints/best --per-sample runs/heart-after-per-sample.json
