@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import torch
 
-torch.set_num_threads(2)
 from lisa_demo.checkpoint import load_trainable_state
 from lisa_demo.config import preset
 from lisa_demo.data.reasonseg import ReasonSegDataset
@@ -16,6 +15,7 @@ from lisa_demo.loading import load_lisa
 from lisa_demo.model import seg_query_mask
 from lisa_demo.train.data import SampleBatcher
 
+torch.set_num_threads(2)
 L = load_lisa(preset("tiny-random").replace(train_all=True), for_training=True)
 load_trainable_state(sys.argv[1], L.model)
 m = L.model.eval()
