@@ -97,9 +97,11 @@ def test_alpha_is_not_foreground(val_dir, tmp_path):
     assert per_sample[0]["intersection"] == 0 and per_sample[0]["iou"] == 0.0
 
 
-def test_checkpoint_is_reserved_and_exclusive_with_predictions(val_dir, tmp_path, capsys):
+def test_checkpoint_scoring_is_exclusive_with_predictions(val_dir, tmp_path, capsys):
+    # Model scoring: a folder that is no checkpoint is one clear line, not a traceback.
     assert main(["--dataset", str(val_dir), "--checkpoint", str(tmp_path)]) == 2
-    assert "model scoring: see lisa_demo.train" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error:" in err and "not a LISA Studio checkpoint" in err
     with pytest.raises(SystemExit):
         main(["--dataset", str(val_dir), "--checkpoint", "a", "--predictions", "b"])
 

@@ -209,3 +209,24 @@ def test_resume_from_another_base_is_refused(short_run, dataset, tmp_path, capsy
     )  # fmt: skip
     assert code == 2
     assert "made for" in capsys.readouterr().err
+
+
+def test_eval_cli_scores_a_checkpoint_with_the_validation_code(short_run, dataset, capsys):
+    from lisa_demo.eval import main as eval_main
+
+    best = short_run / "checkpoints" / "best"
+    code = eval_main(
+        ["--dataset", str(dataset / "val"), "--checkpoint", str(best), "--preset", "tiny-random",
+         "--json", "--seg-rate", "2"]
+    )  # fmt: skip
+    assert code == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["n"] == 3 and 0.0 <= scores["giou"] <= 1.0 and 0.0 <= scores["ciou"] <= 1.0
+    assert scores["seg_rate_n"] == 2
+    per_sample = json.loads((best / "eval_val.json").read_text())["per_sample"]
+    assert (
+        len(per_sample) == 3 and {"image", "iou", "intersection", "union"} <= per_sample[0].keys()
+    )
+    # The same numbers as the run's own validation at the step it saved `best`.
+    saved = json.loads((best / "trainer_state.json").read_text())["metrics"]
+    assert scores["giou"] == pytest.approx(saved["giou"], abs=1e-6)

@@ -84,7 +84,7 @@ def test_example_segments_then_a_training_run_streams(
     page.get_by_role("tab", name="Training").click()
     memory = page.locator("#training-memory")
     expect(memory).to_contain_text("Estimated GPU memory")  # computed on page load
-    expect(memory).to_contain_text("Training step (batch 2)")
+    expect(memory).to_contain_text("Training step (batch 8)")  # the default run's batch
     page.get_by_label("Batch size").fill("4")
     expect(memory).to_contain_text("Training step (batch 4)")
     page.get_by_label("Batch size").fill("2")
