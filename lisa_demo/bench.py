@@ -290,21 +290,9 @@ def train_step(model, optimizer, params, batch: dict, cache, device, autocast_dt
     """One forward/backward/AdamW step like the loop's; `cache` None recomputes SAM's encoder."""
     import torch
 
-    from lisa_demo.train.data import training_targets
+    from lisa_demo.train.data import training_inputs
 
-    inputs = {
-        "input_ids": batch["input_ids"].to(device),
-        "attention_mask": batch["attention_mask"].to(device),
-        "labels": batch["labels"].to(device),
-        "pixel_values": batch["pixel_values"].to(device),
-        "input_sizes": batch["input_sizes"],
-        "original_sizes": batch["original_sizes"],
-        "gt_masks": training_targets(batch["masks"]),
-    }
-    if cache is not None:
-        inputs["image_embeddings"] = cache.embeddings(batch, model.encode_images, device)
-    else:
-        inputs["sam_pixel_values"] = batch["sam_pixel_values"].to(device)
+    inputs = training_inputs(batch, device, cache, model.encode_images)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         out = model(**inputs)
     out.loss.backward()

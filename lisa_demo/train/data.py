@@ -125,6 +125,25 @@ def training_targets(masks: list[np.ndarray]) -> list[torch.Tensor]:
     return [torch.from_numpy((m == 1).astype(np.float32))[None] for m in masks]
 
 
+def training_inputs(batch: dict, device, cache, encode) -> dict:
+    """LisaModel.forward keyword arguments for a training batch on `device`: cached SAM
+    embeddings when `cache` is given (`encode` fills misses), else the SAM pixels."""
+    inputs = {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": batch["attention_mask"].to(device),
+        "labels": batch["labels"].to(device),
+        "pixel_values": batch["pixel_values"].to(device),
+        "input_sizes": batch["input_sizes"],
+        "original_sizes": batch["original_sizes"],
+        "gt_masks": training_targets(batch["masks"]),
+    }
+    if cache is not None:
+        inputs["image_embeddings"] = cache.embeddings(batch, encode, device)
+    else:
+        inputs["sam_pixel_values"] = batch["sam_pixel_values"].to(device)
+    return inputs
+
+
 class EmbeddingCache:
     """SAM image embeddings by image content and encoder identity; memory LRU + optional disk."""
 

@@ -22,7 +22,7 @@ from lisa_demo.checkpoint import save_checkpoint
 from lisa_demo.config import ConfigError
 from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
 from lisa_demo.loading import LoadedLisa, load_lisa, save_full_model
-from lisa_demo.train.data import EmbeddingCache, SampleBatcher, training_targets
+from lisa_demo.train.data import EmbeddingCache, SampleBatcher, training_inputs
 from lisa_demo.train.evaluate import evaluate_samples, seg_rate
 from lisa_demo.train.events import EventLog, load_history
 from lisa_demo.train.options import TrainConfig
@@ -280,19 +280,7 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
             # Phase 2: one micro-batch forward/backward (gradients accumulate).
             samples = [train_set[i] for i in batch_indices]
             batch = batcher(samples, training=True, epoch=progress.epoch, indices=batch_indices)
-            inputs = {
-                "input_ids": batch["input_ids"].to(device),
-                "attention_mask": batch["attention_mask"].to(device),
-                "labels": batch["labels"].to(device),
-                "pixel_values": batch["pixel_values"].to(device),
-                "input_sizes": batch["input_sizes"],
-                "original_sizes": batch["original_sizes"],
-                "gt_masks": training_targets(batch["masks"]),
-            }
-            if cache is not None:
-                inputs["image_embeddings"] = cache.embeddings(batch, core.encode_images, device)
-            else:
-                inputs["sam_pixel_values"] = batch["sam_pixel_values"].to(device)
+            inputs = training_inputs(batch, device, cache, core.encode_images)
             micro += 1
             sync = micro % cfg.grad_accum == 0 or index == len(batches) - 1
             with accelerator.autocast():
