@@ -14,7 +14,7 @@ LLAVA_1_5_PAD_TOKEN_ID = 32001
 def llava_1_5_7b_config(
     image_token_id: int = LLAVA_1_5_IMAGE_TOKEN_ID,
 ):  # -> LlavaConfig
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     vision = CLIPVisionConfig(
         hidden_size=1024,
@@ -38,6 +38,14 @@ def llava_1_5_7b_config(
         tie_word_embeddings=False,
         pad_token_id=LLAVA_1_5_PAD_TOKEN_ID,
     )
+    return llava_1_5_conventions(vision, text, image_token_id, LLAVA_1_5_PAD_TOKEN_ID)
+
+
+def llava_1_5_conventions(vision, text, image_token_id: int, pad_token_id: int):  # -> LlavaConfig
+    """A LlavaConfig with llava-1.5's conventions (the real model and the tiny one share them):
+    vision feature layer -2, the "default" strategy (CLS dropped), a GELU projector."""
+    from transformers import LlavaConfig
+
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -46,7 +54,7 @@ def llava_1_5_7b_config(
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
-        pad_token_id=LLAVA_1_5_PAD_TOKEN_ID,
+        pad_token_id=pad_token_id,
     )
 
 

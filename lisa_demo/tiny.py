@@ -102,7 +102,9 @@ def _padded_vocab_size(n_tokens: int) -> int:
 
 
 def llava_config(vocab_size: int, image_token_id: int, pad_token_id: int):  # -> LlavaConfig
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    from lisa_demo.architectures import llava_1_5_conventions
 
     vision = CLIPVisionConfig(
         hidden_size=128,
@@ -126,16 +128,7 @@ def llava_config(vocab_size: int, image_token_id: int, pad_token_id: int):  # ->
         bos_token_id=1,
         eos_token_id=2,
     )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-        pad_token_id=pad_token_id,
-    )
+    return llava_1_5_conventions(vision, text, image_token_id, pad_token_id)
 
 
 def sam_config():  # -> SamConfig
