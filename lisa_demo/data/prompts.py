@@ -54,8 +54,12 @@ def eval_question(query: str, is_sentence: bool) -> str:
     return _question(query, is_sentence, template)
 
 
-def training_answer(rng: random.Random, explanation: str | None = None) -> str:
-    """A random LISA answer with exactly one [SEG], the explanation (if any) appended after it.
+def training_answer(rng: random.Random, explanation: str | None = None, lead: float = 0.0) -> str:
+    """A random LISA answer with exactly one [SEG] and the explanation (if any).
+
+    The explanation follows the [SEG] answer (LISA's layout), or, with probability `lead`,
+    comes first and ends in the [SEG]: "It is the small red triangle [SEG]." Then the state
+    that predicts [SEG] sits right after the words that name the target.
 
     Raises:
         ValueError: the explanation itself contains [SEG] (it would ask for a second mask).
@@ -65,4 +69,6 @@ def training_answer(rng: random.Random, explanation: str | None = None) -> str:
         return answer
     if SEG_TOKEN in explanation:
         raise ValueError(f"an explanation must not contain {SEG_TOKEN}: {explanation!r}")
+    if lead and rng.random() < lead:
+        return f"{clean_phrase(explanation)}{SEG_TOKEN}."
     return f"{answer} {explanation.strip()}"

@@ -60,13 +60,14 @@ class ImageStore:
 class TextEncoder:
     """Questions and answers to token ids, with LISA's templates."""
 
-    def __init__(self, processor) -> None:
+    def __init__(self, processor, explanation_lead: float = 0.0) -> None:
         self.tokenizer = processor.tokenizer
         self.n_image_tokens = image_token_count(processor)
+        self.explanation_lead = explanation_lead
 
     def training(self, sample: Sample, rng: random.Random) -> tuple[list[int], list[int]]:
         question = training_question(sample.query, sample.record.is_sentence, rng)
-        answer = training_answer(rng, sample.explanation)
+        answer = training_answer(rng, sample.explanation, self.explanation_lead)
         return encode_text(self.tokenizer, question, answer, self.n_image_tokens)
 
     def prompt(self, sample: Sample) -> list[int]:
@@ -82,9 +83,11 @@ class TextEncoder:
 class SampleBatcher:
     """Turns a list of Samples into the keyword arguments of LisaModel.forward."""
 
-    def __init__(self, processor, sam_processor, seed: int = 0) -> None:
+    def __init__(
+        self, processor, sam_processor, seed: int = 0, explanation_lead: float = 0.0
+    ) -> None:
         self.images = ImageStore(processor, sam_processor)
-        self.text = TextEncoder(processor)
+        self.text = TextEncoder(processor, explanation_lead)
         self.pad_id = processor.tokenizer.pad_token_id
         self.seed = seed
 

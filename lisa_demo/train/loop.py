@@ -213,7 +213,9 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
     optimizer = build_optimizer(params, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
-    batcher = SampleBatcher(loaded.processor, loaded.sam_processor, seed=cfg.seed)
+    batcher = SampleBatcher(
+        loaded.processor, loaded.sam_processor, seed=cfg.seed, explanation_lead=cfg.explanation_lead
+    )
     cache = None
     if not cfg.model.train_all and not cfg.no_embedding_cache:
         encoder_id = str(loaded.base["sam"].get("fingerprint") or loaded.base["sam"]["source"])

@@ -39,6 +39,7 @@ class TrainConfig:
     focus_concept: str | None = None  # synthetic: every target has this concept
     explanations: Path | None = None  # ReasonSeg explanations JSON: text after [SEG]
     synthetic_explanations: bool = False  # synthetic: answers also describe the target
+    explanation_lead: float = 0.0  # share of explained answers that name the target before [SEG]
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run the epochs
     max_minutes: float = 0.0  # wall-clock budget; 0 = none (stops like SIGTERM)
@@ -94,6 +95,10 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")  # fmt: skip
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {OPTIMIZERS}")
+        if not 0.0 <= self.explanation_lead <= 1.0:
+            raise ConfigError(
+                f"--explanation-lead is a share between 0 and 1, got {self.explanation_lead}"
+            )
         if self.lr_scheduler not in SCHEDULERS:
             raise ConfigError(f"--lr-scheduler must be one of {SCHEDULERS}")
         if self.select_metric not in METRICS:
@@ -146,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         "synthetic-explanations",
         action="store_true",
         help="synthetic: answers go on to name the target ('It is the small red star.')",
+    )
+    _add(
+        p,
+        "explanation-lead",
+        type=float,
+        default=0.0,
+        help="share (0-1) of explained answers that name the target first, ending in [SEG]",
     )
     _add(p, "output-dir", type=Path, required=True)
     _add(p, "preset", default="tiny", help=f"model preset: {', '.join(PRESETS)}")
@@ -244,6 +256,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         focus_concept=args.focus_concept,
         explanations=args.explanations,
         synthetic_explanations=args.synthetic_explanations,
+        explanation_lead=args.explanation_lead,
         epochs=args.epochs,
         max_steps=args.max_steps,
         max_minutes=args.max_minutes,

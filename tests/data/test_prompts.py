@@ -33,6 +33,20 @@ def test_explanation_follows_the_seg_token():
         training_answer(random.Random(0), f"see {SEG_TOKEN}")
 
 
+def test_explanation_lead_names_the_target_right_before_the_seg_token():
+    rng = random.Random(5)
+    answers = [training_answer(rng, "It is the small red star.", lead=0.5) for _ in range(400)]
+    lead = [a for a in answers if a == f"It is the small red star{SEG_TOKEN}."]
+    # Every other answer is a LISA template followed by the explanation.
+    rest = [a for a in answers if a != f"It is the small red star{SEG_TOKEN}."]
+    assert all(a.endswith(f"{SEG_TOKEN}. It is the small red star.") for a in rest)
+    assert 160 < len(lead) < 240  # about half (binomial, 400 draws)
+    always = {training_answer(rng, "It is the cup.", lead=1.0) for _ in range(20)}
+    assert always == {f"It is the cup{SEG_TOKEN}."}
+    # No explanation: the lead has nothing to put first.
+    assert training_answer(random.Random(1), None, lead=1.0) in ANSWER_TEMPLATES
+
+
 def test_eval_prompt_is_fixed():
     assert EVAL_ANSWER == f"{SEG_TOKEN}."
     assert eval_question(" dog. ", False) == "Can you segment the dog in this image?"

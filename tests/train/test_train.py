@@ -176,6 +176,7 @@ def test_two_process_accelerate_run_writes_one_set_of_artifacts(dataset, tmp_pat
         (["--synthetic", "4", "--epochs", "0"], "nothing to train"),
         (["--synthetic", "4", "--preset", "gpt-17"], "unknown preset"),
         (["--synthetic", "4", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--synthetic", "4", "--explanation-lead", "1.5"], "--explanation-lead is a share"),
     ],
 )
 def test_bad_input_stops_with_one_clear_line(args, message, tmp_path, capsys):
