@@ -18,25 +18,14 @@ from transformers.utils import ModelOutput
 from lisa_demo.config import LossWeights
 from lisa_demo.losses import dice_per_mask, sigmoid_bce_per_mask
 
-PROJECTION_BIAS_INIT = 1.0
-
 
 def build_projection(hidden_size: int, prompt_size: int) -> nn.Sequential:
-    """LISA's "text_hidden_fcs": Linear(H, H) -> ReLU -> Linear(H, prompt_size).
-
-    The first bias starts at PROJECTION_BIAS_INIT so that nearly every hidden unit starts
-    active: the [SEG] states are post-norm (components of order 1), and with PyTorch's zero-mean
-    default half the ReLUs start dead and, while the prompt still carries no information,
-    training drove the rest dead too (6 of 256 were alive in a pretrained tiny model).
-    """
-    projection = nn.Sequential(
+    """LISA's "text_hidden_fcs": Linear(H, H) -> ReLU -> Linear(H, prompt_size)."""
+    return nn.Sequential(
         nn.Linear(hidden_size, hidden_size),
         nn.ReLU(inplace=True),
         nn.Linear(hidden_size, prompt_size),
     )
-    with torch.no_grad():
-        projection[0].bias.fill_(PROJECTION_BIAS_INIT)
-    return projection
 
 
 def seg_query_mask(input_ids: torch.Tensor, seg_token_id: int) -> torch.Tensor:

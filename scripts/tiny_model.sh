@@ -12,8 +12,8 @@ if [ "$STEP" = all ]; then
   # 1. Pretraining from scratch on synthetic scenes without hearts (the held-out concept).
   python -m lisa_demo.train --preset tiny-random --train-all \
     --synthetic 4000 --synthetic-seed 1 --exclude-concept heart --synthetic-explanations \
-    --explanation-lead 0.5 --queries random --batch-size 8 --learning-rate 1e-3 \
-    --warmup-steps 200 --lr-scheduler cosine --max-steps 4200 --max-minutes 57 --eval-every 700 \
+    --queries random --batch-size 8 --learning-rate 1e-3 --warmup-steps 200 \
+    --lr-scheduler cosine --max-steps 6500 --max-minutes 55 --eval-every 800 \
     --max-val-samples 100 --dice-weight 1.0 --iou-weight 1.0 --log-every 40 \
     --seg-rate-samples 8 --export-model --seed 7 --output-dir runs/pretrain
   # 2. Bundle the best checkpoint (float16 safetensors).

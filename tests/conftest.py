@@ -92,14 +92,35 @@ def force_answer(monkeypatch) -> Callable:
     """force_answer(loaded, *answers): the next generations of `loaded` write these answers."""
     from transformers import LogitsProcessorList
 
+    from lisa_demo.infer.pipeline import LisaPipeline
+
+    forced: dict[int, tuple[list[list[int]], int]] = {}  # id(llava) -> (scripts, eos id)
+    original_greedy = LisaPipeline._greedy
+
+    def greedy(self, *args, **kwargs):
+        """The pipeline's own decoding loop, with the scripted answers when forced."""
+        if id(self._llava) not in forced:
+            return original_greedy(self, *args, **kwargs)
+        scripts, eos_id = forced[id(self._llava)]
+        processor = ScriptedAnswers(scripts, eos_id)
+        kept = self.generation_options
+        self.generation_options = {"logits_processor": LogitsProcessorList([processor])}
+        try:
+            return original_greedy(self, *args, **kwargs)
+        finally:
+            self.generation_options = kept
+
+    monkeypatch.setattr(LisaPipeline, "_greedy", greedy)
+
     def install(loaded, *answers: str) -> None:
         tokenizer = loaded.tokenizer
         llava = loaded.model.llava
         llava = llava.get_base_model() if hasattr(llava, "get_base_model") else llava
         original = type(llava).generate.__get__(llava)  # unpatched, even when forced twice
         scripts = [answer_ids(tokenizer, a) + [tokenizer.eos_token_id] for a in answers]
+        forced[id(llava)] = (scripts, tokenizer.eos_token_id)
 
-        def generate(*args, **kwargs):
+        def generate(*args, **kwargs):  # other callers (validation's [SEG] rate) use generate
             processor = ScriptedAnswers(scripts, tokenizer.eos_token_id)
             return original(*args, logits_processor=LogitsProcessorList([processor]), **kwargs)
 

@@ -8,8 +8,8 @@ tokens: the tokenizer splits around the special `<image>` token, so these ids ne
 the question), so a further question prefills only itself and " ASSISTANT:".
 
 Generation is greedy with the KV cache on, and always in two parts, cached or not: the prefix
-in one forward pass, then `generate` from a copy of the prefix's KV cache over the rest of the
-prompt. Every path therefore does the same arithmetic, and a cache hit gives bit-identical
+in one forward pass, then a greedy loop from a copy of the prefix's KV cache over the rest of
+the prompt (the loop `generate` runs, without its per-call set-up). Every path therefore does the same arithmetic, and a cache hit gives bit-identical
 answers and masks. The `[SEG]` queries come out of the generation itself: the last-layer
 (post-norm) state that predicted a generated `[SEG]` is exactly LISA's "state just before
 `[SEG]`", so no second forward pass is needed.
@@ -430,7 +430,7 @@ class LisaPipeline:
                     entry.prefix = None
 
     def _generate(self, encoding: _ImageEncoding, questions: list[str]) -> list[_Answer]:
-        """Greedy answers: the prefix from its KV cache, `generate` over each question.
+        """Greedy answers: the prefix from its KV cache, then greedy decoding of each question.
 
         A batch shares the prefix, so rows are laid out as [prefix | padding | question]: the
         padding sits between the two (masked out; position ids come from the attention mask,
@@ -453,23 +453,7 @@ class LisaPipeline:
         if n > 1:
             cache.batch_repeat_interleave(n)
         eos_id = tokenizer.eos_token_id
-        out = self._llava.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-            do_sample=False,
-            use_cache=True,
-            output_hidden_states=True,
-            return_dict_in_generate=True,
-            max_new_tokens=self.max_new_tokens,
-            pad_token_id=_pad_id(tokenizer),
-            eos_token_id=eos_id,
-            **self.generation_options,
-        )
-        generated = out.sequences[:, input_ids.shape[1] :]
-        # hidden_states[t][-1][:, -1]: the post-norm state that predicted generated token t.
-        # Step 0 prefilled only the question part; its last position is still the prompt's end.
-        states = torch.stack([step[-1][:, -1] for step in out.hidden_states], dim=1)
+        generated, states = self._greedy(input_ids, attention_mask, cache, width, eos_id)
         answers = []
         for row, row_states in zip(generated.tolist(), states, strict=True):
             end = row.index(eos_id) if eos_id in row else len(row)
@@ -483,6 +467,56 @@ class LisaPipeline:
                 )
             )
         return answers
+
+    def _greedy(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: DynamicCache,
+        cached: int,
+        eos_id: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy decoding with the KV cache: one forward pass per new token.
+
+        The loop `generate` runs, without its per-call set-up (a fixed cost that is a large
+        share of a short answer on a small model). `cached` leading positions are already in
+        `cache`; positions follow the attention mask, as `generate` computes them.
+        Returns the new tokens [n, T] (pad after EOS) and, for each, the last-layer post-norm
+        state that predicted it [n, T, H].
+        """
+        llava = self._llava
+        processor = self.generation_options.get("logits_processor")
+        pad_id = _pad_id(self.loaded.tokenizer)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        step_ids, step_positions = input_ids[:, cached:], positions[:, cached:]
+        sequence, mask = input_ids, attention_mask
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        tokens, states = [], []
+        for _ in range(self.max_new_tokens):
+            out = llava(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_positions,
+                cache=cache,
+                use_cache=True,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
+            scores = out.logits[:, -1].float()
+            if processor is not None:
+                scores = processor(sequence, scores)
+            chosen = scores.argmax(dim=-1)
+            chosen = torch.where(finished, torch.full_like(chosen, pad_id), chosen)
+            tokens.append(chosen)
+            states.append(out.hidden_states[-1][:, -1])
+            finished |= chosen == eos_id
+            if bool(finished.all()):
+                break
+            step_ids = chosen[:, None]
+            step_positions = step_positions[:, -1:] + 1
+            sequence = torch.cat([sequence, step_ids], dim=1)
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        return torch.stack(tokens, dim=1), torch.stack(states, dim=1)
 
     def _decode_masks(
         self,
