@@ -38,4 +38,9 @@ with torch.no_grad():
     alive = (torch.relu(m.text_hidden_fcs[0](h)) > 0).any(0).sum().item()
     rel = ((pr[:8] - pr[8:]).norm(dim=1) / pr[:8].norm(dim=1)).mean().item()
     hrel = ((h[:8] - h[8:]).norm(dim=1) / h[:8].norm(dim=1)).mean().item()
+    real = pr[:8]
+    spread = ((real - real.mean(0)).norm(dim=1).mean() / real.mean(0).norm()).item()
+    norm = real.norm(dim=1).mean().item()
 print(f"alive units {alive}/256  prompt rel diff {rel:.3f}  hidden rel diff {hrel:.3f}")
+# A prompt that is one large constant vector with a small per-sample part carries little.
+print(f"prompt norm {norm:.2f}  prompt spread across samples / mean {spread:.3f}")
