@@ -58,8 +58,9 @@ def training_answer(rng: random.Random, explanation: str | None = None, lead: fl
     """A random LISA answer with exactly one [SEG] and the explanation (if any).
 
     The explanation follows the [SEG] answer (LISA's layout), or, with probability `lead`,
-    comes first and ends in the [SEG]: "It is the small red triangle [SEG]." Then the state
-    that predicts [SEG] sits right after the words that name the target.
+    comes first and ends in the [SEG]: "It is the small red triangle[SEG]." With no space
+    before [SEG] (a space becomes a token of its own), the state that predicts [SEG] is the one
+    of the target's last word.
 
     Raises:
         ValueError: the explanation itself contains [SEG] (it would ask for a second mask).

@@ -9,10 +9,11 @@ the question), so a further question prefills only itself and " ASSISTANT:".
 
 Generation is greedy with the KV cache on, and always in two parts, cached or not: the prefix
 in one forward pass, then a greedy loop from a copy of the prefix's KV cache over the rest of
-the prompt (the loop `generate` runs, without its per-call set-up). Every path therefore does the same arithmetic, and a cache hit gives bit-identical
-answers and masks. The `[SEG]` queries come out of the generation itself: the last-layer
-(post-norm) state that predicted a generated `[SEG]` is exactly LISA's "state just before
-`[SEG]`", so no second forward pass is needed.
+the prompt (the loop `generate` runs, without its per-call set-up). Every path therefore does
+the same arithmetic, and a cache hit gives bit-identical answers and masks. The `[SEG]`
+queries come out of the generation itself: the last-layer (post-norm) state that predicted a
+generated `[SEG]` is exactly LISA's "state just before `[SEG]`", so no second forward pass is
+needed.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ class _PromptPrefix:
     """The question-independent start of the prompt and its KV cache, for one image."""
 
     ids: tuple[int, ...]  # BOS, "USER: ", then every image token
-    cache: DynamicCache  # batch 1; generate extends caches in place, so it only gets copies
+    cache: DynamicCache  # batch 1; decoding extends caches in place, so it only gets copies
 
 
 @dataclass
@@ -273,8 +274,8 @@ class LisaPipeline:
         self.lock = threading.Lock()
         self._cache: OrderedDict[str, _ImageEncoding] = OrderedDict()
         self._n_image_tokens = image_token_count(loaded.processor)
-        # Extra keyword arguments for generate (the benchmark forces an answer's length with a
-        # logits processor); empty in normal use.
+        # Decoding options; only "logits_processor" is read (the benchmark forces an answer's
+        # length with one). Empty in normal use.
         self.generation_options: dict[str, object] = {}
 
     @classmethod
