@@ -10,7 +10,8 @@ One run measures, after a warm-up and as medians over --repeats:
   - a first query on a new image (per stage) and a second query on the same image (cached);
   - a batch of 4 queries on one image against 4 single queries;
   - 32-token greedy generation with the KV cache against without it (the reference's way);
-  - training samples/s with the SAM embedding cache against recomputing the encoder each step;
+  - training samples/s with the embedding caches (SAM image embeddings, LLaVA vision features)
+    against running both frozen image encoders every step;
   - peak memory (ru_maxrss on a CPU, torch.cuda.max_memory_allocated on a GPU).
 Answers in the inference measurements are forced to FORCED_ANSWER (a logits processor picks
 the tokens, the model still runs every forward pass), so every model, random weights included,
@@ -286,13 +287,16 @@ def training_batches(loaded, folder: Path, batch_size: int, count: int) -> list[
     return batches
 
 
-def train_step(model, optimizer, params, batch: dict, cache, device, autocast_dtype) -> float:
-    """One forward/backward/AdamW step like the loop's; `cache` None recomputes SAM's encoder."""
+def train_step(model, optimizer, params, batch: dict, caches, device, autocast_dtype) -> float:
+    """One forward/backward/AdamW step like the loop's. `caches`: (SAM embeddings, LLaVA
+    vision features) caches, or None to run both image encoders, as the reference does."""
     import torch
 
     from lisa_demo.train.data import training_inputs
 
-    inputs = training_inputs(batch, device, cache, model.encode_images)
+    sam_cache, feature_cache = caches or (None, None)
+    inputs = training_inputs(batch, device, sam_cache, model.encode_images, feature_cache,
+                             model.encode_image_features)  # fmt: skip
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         out = model(**inputs)
     out.loss.backward()
@@ -303,11 +307,12 @@ def train_step(model, optimizer, params, batch: dict, cache, device, autocast_dt
 
 
 def measure_training(cfg: ModelConfig, device, batch_size: int, steps: int, repeats: int) -> dict:
-    """Samples/s of LoRA fine-tuning steps with the SAM embedding cache and without it.
+    """Samples/s of LoRA fine-tuning steps with the embedding caches and without them.
 
-    Same model, same batches. With the cache is its steady state (every image already
-    encoded: the other paraphrases of an image, epochs after the first); without it, SAM's
-    encoder runs on every step, as in the reference.
+    Same model, same batches. With the caches (SAM image embeddings and LLaVA's vision
+    features, both encoders frozen) is their steady state (every image already encoded: the
+    other paraphrases of an image, epochs after the first); without them, both image
+    encoders run on every step, as in the reference.
     """
     import torch
 
@@ -324,15 +329,16 @@ def measure_training(cfg: ModelConfig, device, batch_size: int, steps: int, repe
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg.precision)
     with tempfile.TemporaryDirectory() as tmp:
         batches = training_batches(loaded, Path(tmp), batch_size, steps)
-    cache = EmbeddingCache("bench")
+    cache, feature_cache = EmbeddingCache("bench"), EmbeddingCache("bench/vision")
+    caches = (cache, feature_cache)
     reset_peak(device)
-    losses = [train_step(model, optimizer, params, b, cache, device, autocast) for b in batches]
+    losses = [train_step(model, optimizer, params, b, caches, device, autocast) for b in batches]
     train_step(model, optimizer, params, batches[0], None, device, autocast)  # warm-up
 
     def block(use_cache: bool) -> float:
         seconds, _ = timed(
             lambda: [
-                train_step(model, optimizer, params, b, cache if use_cache else None, device,
+                train_step(model, optimizer, params, b, caches if use_cache else None, device,
                            autocast)
                 for b in batches
             ],
@@ -357,6 +363,8 @@ def measure_training(cfg: ModelConfig, device, batch_size: int, steps: int, repe
         "losses_finite": all(math.isfinite(x) for x in losses),
         "cache_hits": cache.hits,
         "cache_misses": cache.misses,
+        "feature_cache_hits": feature_cache.hits,
+        "feature_cache_misses": feature_cache.misses,
     }
     if device.type == "cuda":
         result["peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -521,7 +529,7 @@ def format_report(result: dict) -> str:
         f"KV cache {gen['kv_cache_s'] * ms:.1f} ms, without {gen['no_cache_s'] * ms:.1f} ms "
         f"({gen['kv_cache_speedup']:.2f}x), same tokens: {gen['same_tokens']}",
         f"Training (batch {tr['batch_size']}, LoRA, {tr['steps_per_block']} steps per block): "
-        f"{tr['cached_samples_per_s']:.2f} samples/s with the embedding cache, "
+        f"{tr['cached_samples_per_s']:.2f} samples/s with the embedding caches, "
         f"{tr['uncached_samples_per_s']:.2f} without ({tr['cache_speedup']:.2f}x)",
         f"Peak memory: {result['memory']['after_training_mib']:.0f} MiB "
         f"({result['memory']['measure']})",

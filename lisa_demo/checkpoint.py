@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 WEIGHTS = "trainable.safetensors"
+TRAINING_ONLY_PREFIX = "seg_word_head."  # LisaModel.seg_word_head: training-only
 FORMAT = "lisa-studio-checkpoint"
 
 
@@ -145,6 +146,12 @@ def load_trainable_state(folder: Path | str, model: torch.nn.Module) -> None:
     """Copy saved tensors into the model's trainable parameters; names and shapes must match."""
     state = load_file(str(Path(folder) / WEIGHTS))
     params = dict(model.named_parameters())
+    # The training-only seg-word head: kept for resuming, ignored by a model built without it.
+    state = {
+        name: tensor
+        for name, tensor in state.items()
+        if name in params or not name.startswith(TRAINING_ONLY_PREFIX)
+    }
     expected = {name for name, p in params.items() if p.requires_grad}
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - params.keys())

@@ -45,9 +45,12 @@ class LossWeights:
     bce: float = 2.0  # per-pixel sigmoid BCE, mean over pixels then masks
     dice: float = 0.5  # Dice per mask, mean over masks
     iou: float = 0.0  # not in LISA: MSE teaching SAM's IoU head to predict the true IoU
+    # Not in LISA, for training from scratch: a training-only linear head reads each mask
+    # query state and predicts the words of the answer after its [SEG] (the explanation).
+    seg_words: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("ce", "bce", "dice", "iou"):
+        for name in ("ce", "bce", "dice", "iou", "seg_words"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss weight {name} must be >= 0, got {getattr(self, name)}")
 

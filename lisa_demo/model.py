@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from lisa_demo.config import LossWeights
@@ -87,6 +88,7 @@ class LisaOutput(ModelOutput):
     bce_loss: torch.Tensor | None = None
     dice_loss: torch.Tensor | None = None
     iou_loss: torch.Tensor | None = None
+    seg_word_loss: torch.Tensor | None = None
     mask_logits: list[torch.Tensor] | None = None  # each [n_i, H_i, W_i]
     scores: list[torch.Tensor] | None = None  # each [n_i], SAM's predicted IoU
     mask_count: int | None = None
@@ -112,6 +114,11 @@ class LisaModel(nn.Module):
         self.train_sam_encoder = train_sam_encoder
         prompt_size = sam.config.mask_decoder_config.hidden_size
         self.text_hidden_fcs = build_projection(hidden_size, prompt_size)
+        # Training-only auxiliary head (loss_weights.seg_words); never exported.
+        self.seg_word_head: nn.Linear | None = None
+        if self.loss_weights.seg_words > 0:
+            vocab_size = llava.get_input_embeddings().weight.shape[0]
+            self.seg_word_head = nn.Linear(hidden_size, vocab_size)
         self.sam_pad_size = sam.config.vision_config.image_size
 
     # SAM side ---------------------------------------------------------------------------
@@ -163,6 +170,15 @@ class LisaModel(nn.Module):
         return masks, scores
 
     # LLaVA side -------------------------------------------------------------------------
+    def encode_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """LLaVA's projected vision features [B, N, D] (the rows that replace `<image>`)."""
+        llava = self.llava.get_base_model() if hasattr(self.llava, "get_base_model") else self.llava
+        dtype = next(llava.model.vision_tower.parameters()).dtype
+        features = llava.get_image_features(
+            pixel_values=pixel_values.to(dtype), return_dict=True
+        ).pooler_output
+        return features if torch.is_tensor(features) else torch.stack(list(features))
+
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, H] `[SEG]` hidden states -> [n, P] sparse prompt embeddings."""
         weight = self.text_hidden_fcs[0].weight
@@ -172,19 +188,22 @@ class LisaModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None,
         input_sizes: Sequence[tuple[int, int]],
         original_sizes: Sequence[tuple[int, int]],
         labels: torch.Tensor | None = None,
         image_embeddings: torch.Tensor | None = None,
         sam_pixel_values: torch.Tensor | None = None,
         gt_masks: Sequence[torch.Tensor] | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> LisaOutput:
         """Teacher-forced pass: text loss, one mask per `[SEG]` and, with gt_masks, mask losses.
 
         input_ids, attention_mask, labels: [B, L]; pixel_values: [B, 3, h, w] (CLIP);
         image_embeddings: [B, C, h', w'] cached SAM embeddings, or sam_pixel_values
-        [B, 3, S, S] to compute them; gt_masks: per sample [n_i, H_i, W_i] in {0, 1}.
+        [B, 3, S, S] to compute them; gt_masks: per sample [n_i, H_i, W_i] in {0, 1};
+        image_features: [B, N, D] cached LLaVA vision features (encode_image_features), used
+        instead of pixel_values (only valid while the vision tower and projector are frozen).
         """
         if image_embeddings is None:
             if sam_pixel_values is None:
@@ -194,10 +213,19 @@ class LisaModel(nn.Module):
         # Vocabulary logits only where a label is scored (the answer tokens): the [B, L, V]
         # tensor over prompt and image positions is most of the LM head's memory.
         scored = None if labels is None else answer_positions(labels)
+        if image_features is None and pixel_values is None:
+            raise ValueError("pass pixel_values or image_features")
+        if image_features is not None:
+            features = BaseModelOutputWithPooling(
+                pooler_output=list(image_features.to(llava_dtype).unbind(0))
+            )
+            vision = {"mm_encoder_outputs": {"image": features}}
+        else:
+            vision = {"pixel_values": pixel_values.to(llava_dtype)}
         out = self.llava(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            pixel_values=pixel_values.to(llava_dtype),
+            **vision,
             output_hidden_states=True,
             return_dict=True,
             logits_to_keep=scored if scored is not None else 1,
@@ -212,7 +240,10 @@ class LisaModel(nn.Module):
             )
         last_hidden = out.hidden_states[-1]  # after the final norm
         query = seg_query_mask(input_ids, self.seg_token_id)
-        prompts = [self.project(last_hidden[b][query[b]]) for b in range(input_ids.shape[0])]
+        # One projection call over every sample's [SEG] states, then split back per sample.
+        counts = query.sum(dim=1).tolist()
+        seg_states = last_hidden[query]
+        prompts = list(self.project(seg_states).split(counts))
         mask_logits, scores = self.decode_masks(
             prompts, image_embeddings, input_sizes, original_sizes
         )
@@ -222,9 +253,36 @@ class LisaModel(nn.Module):
             mask_count=sum(int(m.shape[0]) for m in mask_logits),
             ce_loss=ce_loss,
         )
+        if labels is not None and self.seg_word_head is not None and self.training:
+            result.seg_word_loss = self.seg_word_loss(seg_states, input_ids, labels)
         if gt_masks is not None:
             self._add_losses(result, gt_masks)
         return result
+
+    def seg_word_loss(
+        self, seg_states: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Each mask query state predicts the bag of answer tokens after its `[SEG]`.
+
+        seg_states: [n, H], one row per `[SEG]` in batch order. For the `[SEG]` at t, the bag
+        is the scored labels in (t, next `[SEG]` or end); the loss is the mean over the bag
+        of -log softmax(head(state)), averaged over masks. Bags of fewer than three tokens
+        (an answer without an explanation: just "." and the end) are skipped. None when no
+        mask has a bag.
+        """
+        log_probs = F.log_softmax(self.seg_word_head(seg_states.float()), dim=-1)
+        terms = []
+        row = 0
+        for b in range(input_ids.shape[0]):
+            seg_positions = (input_ids[b] == self.seg_token_id).nonzero().flatten().tolist()
+            ends = seg_positions[1:] + [input_ids.shape[1]]
+            for start, end in zip(seg_positions, ends, strict=True):
+                bag = labels[b, start + 1 : end]
+                bag = bag[bag != -100]
+                if bag.numel() >= 3:
+                    terms.append(-log_probs[row, bag].mean())
+                row += 1
+        return torch.stack(terms).mean() if terms else None
 
     def _add_losses(self, result: LisaOutput, gt_masks: Sequence[torch.Tensor]) -> None:
         bce_terms, dice_terms, iou_terms = [], [], []
@@ -252,4 +310,6 @@ class LisaModel(nn.Module):
         if w.iou and iou_terms:
             result.iou_loss = torch.cat(iou_terms).mean()
             loss = loss + w.iou * result.iou_loss
+        if w.seg_words and result.seg_word_loss is not None:
+            loss = loss + w.seg_words * result.seg_word_loss
         result.loss = loss + w.ce * ce if ce is not None else loss

@@ -14,6 +14,7 @@ import torch
 from lisa_demo import bench
 from lisa_demo.config import IMAGE_TOKEN, preset
 from lisa_demo.infer.pipeline import LisaPipeline
+from lisa_demo.inputs import image_token_count
 
 QUESTION = "Can you segment the red square in this image?"
 
@@ -95,6 +96,43 @@ def test_training_loss_with_cached_embeddings_equals_recomputed(tmp_path):
     from_cache.loss.backward()  # gradients flow the same way with cached embeddings
     for name in ("loss", "ce_loss", "bce_loss", "dice_loss"):
         torch.testing.assert_close(getattr(from_cache, name), getattr(recomputed, name))
+
+
+def test_training_with_cached_vision_features_gives_the_recomputed_loss_and_gradients(tmp_path):
+    """Both caches through training_inputs (what the loop and the benchmark call): LLaVA's
+    vision features replace the CLIP pixels, and the loss and every LoRA / head gradient are
+    those of the pass that runs both encoders."""
+    from lisa_demo.loading import load_lisa
+    from lisa_demo.train.data import EmbeddingCache, training_inputs
+
+    loaded = load_lisa(
+        preset("tiny-random").replace(use_lora=True), device="cpu", for_training=True
+    )
+    model = loaded.model.eval()
+    batch = bench.training_batches(loaded, tmp_path / "data", batch_size=2, count=1)[0]
+    cpu = torch.device("cpu")
+    sam_cache, feature_cache = EmbeddingCache("t"), EmbeddingCache("t/vision")
+
+    def loss_and_grads(*caches):
+        inputs = training_inputs(batch, cpu, caches[0], model.encode_images, caches[1],
+                                 model.encode_image_features)  # fmt: skip
+        model.zero_grad(set_to_none=True)
+        out = model(**inputs)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return inputs, out.loss.detach(), grads
+
+    plain_inputs, plain_loss, plain_grads = loss_and_grads(None, None)
+    assert plain_inputs["pixel_values"] is not None and "image_features" not in plain_inputs
+    loss_and_grads(sam_cache, feature_cache)  # fills both caches
+    cached_inputs, cached_loss, cached_grads = loss_and_grads(sam_cache, feature_cache)
+    assert cached_inputs["pixel_values"] is None
+    assert cached_inputs["image_features"].shape[:2] == (2, image_token_count(loaded.processor))
+    assert (feature_cache.hits, feature_cache.misses) == (2, 2)
+    torch.testing.assert_close(cached_loss, plain_loss)
+    assert plain_grads.keys() == cached_grads.keys() and any("lora" in n for n in plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(cached_grads[name], grad, msg=name)
 
 
 # The harness -------------------------------------------------------------------------------------

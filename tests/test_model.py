@@ -208,3 +208,71 @@ def test_gradients_reach_exactly_what_lisa_trains(make_inputs, scene_image):
     model(**inputs, gt_masks=gt).loss.backward()
     assert all(_nonzero(p) for p in lora_a)
     assert all(params[n].grad is None for n in params if n not in expected)
+
+
+# The training-only seg-word head ------------------------------------------------------------
+def test_seg_word_loss_matches_a_hand_computation_and_only_counts_explained_masks(
+    tiny_loaded, make_inputs, scene_image, monkeypatch
+):
+    """Each mask query state predicts the answer tokens after its [SEG]: the mean of
+    -log softmax(head(state)) over that bag. A bag of under three tokens (no explanation) is
+    skipped, so the first [SEG] here does not count."""
+    from torch import nn
+
+    from lisa_demo.model import seg_query_mask
+
+    model = tiny_loaded.model
+    hidden = model.text_hidden_fcs[0].in_features
+    vocab = model.llava.get_input_embeddings().weight.shape[0]
+    torch.manual_seed(0)
+    head = nn.Linear(hidden, vocab)
+    weights = LossWeights(ce=1.0, bce=2.0, dice=0.5, seg_words=3.0)
+    monkeypatch.setattr(model, "seg_word_head", head)
+    monkeypatch.setattr(model, "loss_weights", weights)
+    answer = "Sure, [SEG] and [SEG]. It is the red square."
+    inputs = make_inputs(tiny_loaded, scene_image, QUESTION, answer)
+    gt = _targets(scene_image.shape[:2], 2)
+    model.train()
+    try:
+        with torch.no_grad():
+            out = model(**inputs, gt_masks=gt)
+            states = model.llava(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                pixel_values=inputs["pixel_values"],
+                output_hidden_states=True,
+            ).hidden_states[-1][0]
+    finally:
+        model.eval()
+    ids, labels = inputs["input_ids"][0], inputs["labels"][0]
+    second_seg = int((ids == tiny_loaded.seg_token_id).nonzero()[1])
+    bag = labels[second_seg + 1 :]
+    bag = bag[bag != -100]
+    assert len(bag) >= 6  # ". It is the red square." and the end token
+    state = states[seg_query_mask(inputs["input_ids"], tiny_loaded.seg_token_id)[0]][1]
+    log_probs = torch.log_softmax(head(state), dim=-1)
+    expected = -log_probs[bag].mean()
+    assert out.seg_word_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    total = out.ce_loss + 2.0 * out.bce_loss + 0.5 * out.dice_loss + 3.0 * out.seg_word_loss
+    assert out.loss.item() == pytest.approx(total.item(), rel=1e-6)
+
+    # No explanation: nothing to predict, the total is LISA's. In eval mode: never computed.
+    plain = make_inputs(tiny_loaded, scene_image, QUESTION, "Sure, [SEG].")
+    model.train()
+    try:
+        with torch.no_grad():
+            out = model(**plain, gt_masks=_targets(scene_image.shape[:2], 1))
+    finally:
+        model.eval()
+    assert out.seg_word_loss is None
+    _check_total(out, weights)
+    with torch.no_grad():
+        assert model(**inputs, gt_masks=gt).seg_word_loss is None
+
+
+def test_seg_word_head_exists_only_when_weighted_and_its_weight_is_validated():
+    from lisa_demo.loading import load_lisa
+
+    assert load_lisa(preset("tiny-random"), device="cpu").model.seg_word_head is None
+    with pytest.raises(ConfigError, match="seg_words"):
+        LossWeights(seg_words=-0.5)

@@ -486,37 +486,43 @@ class LisaPipeline:
         state that predicted it [n, T, H].
         """
         llava = self._llava
+        # After the prefix, a step holds only text tokens: the language model and the LM head
+        # are called directly (what LLaVA's forward does when there are no pixel values),
+        # which saves the wrapper's per-step overhead.
+        embed, language_model = llava.get_input_embeddings(), llava.model.language_model
         processor = self.generation_options.get("logits_processor")
         pad_id = _pad_id(self.loaded.tokenizer)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         step_ids, step_positions = input_ids[:, cached:], positions[:, cached:]
         sequence, mask = input_ids, attention_mask
+        # One unpadded row needs no mask: the causal mask alone is exact, and cheaper to build.
+        padded = not bool(attention_mask.all())
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         tokens, states = [], []
         for _ in range(self.max_new_tokens):
-            out = llava(
-                input_ids=step_ids,
-                attention_mask=mask,
+            out = language_model(
+                inputs_embeds=embed(step_ids),
+                attention_mask=mask if padded else None,
                 position_ids=step_positions,
                 cache=cache,
                 use_cache=True,
-                output_hidden_states=True,
-                logits_to_keep=1,
             )
-            scores = out.logits[:, -1].float()
+            state = out.last_hidden_state[:, -1]  # after the final norm
+            scores = llava.lm_head(state).float()
             if processor is not None:
                 scores = processor(sequence, scores)
             chosen = scores.argmax(dim=-1)
             chosen = torch.where(finished, torch.full_like(chosen, pad_id), chosen)
             tokens.append(chosen)
-            states.append(out.hidden_states[-1][:, -1])
+            states.append(state)
             finished |= chosen == eos_id
             if bool(finished.all()):
                 break
             step_ids = chosen[:, None]
             step_positions = step_positions[:, -1:] + 1
             sequence = torch.cat([sequence, step_ids], dim=1)
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            if padded:
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         return torch.stack(tokens, dim=1), torch.stack(states, dim=1)
 
     def _decode_masks(

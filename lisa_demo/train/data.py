@@ -128,9 +128,15 @@ def training_targets(masks: list[np.ndarray]) -> list[torch.Tensor]:
     return [torch.from_numpy((m == 1).astype(np.float32))[None] for m in masks]
 
 
-def training_inputs(batch: dict, device, cache, encode) -> dict:
-    """LisaModel.forward keyword arguments for a training batch on `device`: cached SAM
-    embeddings when `cache` is given (`encode` fills misses), else the SAM pixels."""
+def training_inputs(
+    batch: dict, device, cache, encode, feature_cache=None, encode_features=None
+) -> dict:
+    """LisaModel.forward keyword arguments for a training batch on `device`.
+
+    With `cache`, SAM embeddings come from it (`encode` fills misses) instead of SAM pixels;
+    with `feature_cache`, LLaVA's projected vision features come from it (`encode_features`
+    fills misses) instead of CLIP pixels. Both are only valid for frozen encoders.
+    """
     inputs = {
         "input_ids": batch["input_ids"].to(device),
         "attention_mask": batch["attention_mask"].to(device),
@@ -144,11 +150,17 @@ def training_inputs(batch: dict, device, cache, encode) -> dict:
         inputs["image_embeddings"] = cache.embeddings(batch, encode, device)
     else:
         inputs["sam_pixel_values"] = batch["sam_pixel_values"].to(device)
+    if feature_cache is not None:
+        inputs["image_features"] = feature_cache.embeddings(
+            batch, encode_features, device, pixels="pixel_values"
+        )
+        inputs["pixel_values"] = None
     return inputs
 
 
 class EmbeddingCache:
-    """SAM image embeddings by image content and encoder identity; memory LRU + optional disk."""
+    """Image encodings (SAM image embeddings, or LLaVA's vision features) by image content and
+    encoder identity; memory LRU + optional disk."""
 
     def __init__(self, encoder_id: str, capacity: int = 8192, disk_dir: Path | None = None):
         self.encoder_id = encoder_id
@@ -188,17 +200,19 @@ class EmbeddingCache:
         if len(self._memory) > self.capacity:
             self._memory.popitem(last=False)
 
-    def embeddings(self, batch: dict, encode, device: torch.device) -> torch.Tensor:
-        """[B, C, h, w] for the batch: cached ones reused, the rest encoded and stored."""
+    def embeddings(
+        self, batch: dict, encode, device: torch.device, pixels: str = "sam_pixel_values"
+    ) -> torch.Tensor:
+        """[B, ...] for the batch: cached ones reused, the rest encoded from batch[pixels]
+        and stored."""
         keys = batch["image_keys"]
         found = [self.get(k) for k in keys]
         missing = [i for i, e in enumerate(found) if e is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
-            pixels = batch["sam_pixel_values"][missing].to(device)
             with torch.no_grad():
-                fresh = encode(pixels)
+                fresh = encode(batch[pixels][missing].to(device))
             for i, emb in zip(missing, fresh, strict=True):
                 self.put(keys[i], emb)
                 found[i] = emb

@@ -216,10 +216,14 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
     batcher = SampleBatcher(
         loaded.processor, loaded.sam_processor, seed=cfg.seed, explanation_lead=cfg.explanation_lead
     )
-    cache = None
+    # Frozen image encoders (every run but --train-all): SAM's image embeddings and LLaVA's
+    # projected vision features are computed once per image, then reused.
+    cache = feature_cache = None
     if not cfg.model.train_all and not cfg.no_embedding_cache:
         encoder_id = str(loaded.base["sam"].get("fingerprint") or loaded.base["sam"]["source"])
         cache = EmbeddingCache(encoder_id, disk_dir=cfg.embedding_cache_dir)
+        llava_id = str(loaded.base["llava"].get("fingerprint") or loaded.base["llava"]["source"])
+        feature_cache = EmbeddingCache(f"{llava_id}/vision", disk_dir=cfg.embedding_cache_dir)
 
     per_epoch = max(1, (n_train // world) // cfg.batch_size // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
@@ -282,7 +286,8 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
             # Phase 2: one micro-batch forward/backward (gradients accumulate).
             samples = [train_set[i] for i in batch_indices]
             batch = batcher(samples, training=True, epoch=progress.epoch, indices=batch_indices)
-            inputs = training_inputs(batch, device, cache, core.encode_images)
+            inputs = training_inputs(batch, device, cache, core.encode_images, feature_cache,
+                                     core.encode_image_features)  # fmt: skip
             micro += 1
             sync = micro % cfg.grad_accum == 0 or index == len(batches) - 1
             with accelerator.autocast():
@@ -319,7 +324,7 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
                     "log", step=progress.step, epoch=progress.epoch,
                     loss=float(out.loss.detach()), ce_loss=_num(out.ce_loss),
                     bce_loss=_num(out.bce_loss), dice_loss=_num(out.dice_loss),
-                    iou_loss=_num(out.iou_loss), lr=lr,
+                    iou_loss=_num(out.iou_loss), seg_word_loss=_num(out.seg_word_loss), lr=lr,
                     samples_per_sec=window_samples / max(elapsed, 1e-9),
                     memory_mb=round(peak_memory_mb(device), 1), total_steps=total_steps,
                     eta_seconds=round(per_step * (total_steps - progress.step), 1),

@@ -205,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "bce-weight", type=float, default=2.0)
     _add(p, "dice-weight", type=float, default=0.5)
     _add(p, "iou-weight", type=float, default=0.0, help="train SAM's IoU head (not in LISA)")
+    _add(
+        p,
+        "seg-word-weight",
+        type=float,
+        default=0.0,
+        help="not in LISA: a training-only head makes each mask query state predict the "
+        "explanation's words (for training from scratch)",
+    )
     _add(p, "embedding-cache-dir", type=Path, default=None)
     _add(p, "no-embedding-cache", action="store_true")
     _add(p, "export-model", action="store_true", help="full training: write OUT/model")
@@ -238,7 +246,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     elif "use_lora" not in changes:
         changes["use_lora"] = True  # fine-tuning default: LoRA on the language model
     changes["losses"] = LossWeights(
-        args.ce_weight, args.bce_weight, args.dice_weight, args.iou_weight
+        args.ce_weight, args.bce_weight, args.dice_weight, args.iou_weight, args.seg_word_weight
     )
     return cfg.replace(**changes)
 

@@ -231,3 +231,24 @@ def test_eval_cli_scores_a_checkpoint_with_the_validation_code(short_run, datase
     # The same numbers as the run's own validation at the step it saved `best`.
     saved = json.loads((best / "trainer_state.json").read_text())["metrics"]
     assert scores["giou"] == pytest.approx(saved["giou"], abs=1e-6)
+
+
+def test_seg_word_head_trains_is_logged_and_stays_out_of_inference(dataset, tmp_path):
+    """--seg-word-weight adds the training-only head: its loss is logged, and the checkpoint
+    (which keeps the head, for resuming) still loads into a model built without it."""
+    from lisa_demo.checkpoint import load_trainable_state
+    from lisa_demo.config import preset
+    from lisa_demo.loading import load_lisa
+
+    out = tmp_path / "run"
+    code = train_main(
+        ["--dataset", str(dataset), "--output-dir", str(out), *BASE, "--max-steps", "2",
+         "--eval-every", "2", "--explanations", str(dataset / "train_explanations.json"),
+         "--seg-word-weight", "1.0"]
+    )  # fmt: skip
+    assert code == 0
+    logs = of(read_events(out), "log")
+    assert logs and all(e["seg_word_loss"] is not None and e["seg_word_loss"] > 0 for e in logs)
+    plain = load_lisa(preset("tiny-random").replace(use_lora=True), device="cpu")
+    assert plain.model.seg_word_head is None
+    load_trainable_state(out / "checkpoints" / "best", plain.model)  # no "unexpected" error
