@@ -179,6 +179,22 @@ class LisaModel(nn.Module):
         ).pooler_output
         return features if torch.is_tensor(features) else torch.stack(list(features))
 
+    def mask_query_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        """[n, H] last-layer (post-norm) states at every `[SEG]` query position of the batch,
+        in batch order: what `project` turns into prompts (for diagnostics and probes)."""
+        llava_dtype = self.llava.get_input_embeddings().weight.dtype
+        out = self.llava(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values.to(llava_dtype),
+            output_hidden_states=True,
+            return_dict=True,
+            logits_to_keep=1,
+        )
+        return out.hidden_states[-1][seg_query_mask(input_ids, self.seg_token_id)]
+
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, H] `[SEG]` hidden states -> [n, P] sparse prompt embeddings."""
         weight = self.text_hidden_fcs[0].weight

@@ -22,7 +22,6 @@ import torch
 from lisa_demo.config import preset
 from lisa_demo.data.reasonseg import ReasonSegDataset
 from lisa_demo.infer.pipeline import LisaPipeline
-from lisa_demo.model import seg_query_mask
 from lisa_demo.train.data import SampleBatcher
 
 SIZE_WORDS = {"small": "small", "medium": "medium", "large": "large"}
@@ -90,14 +89,9 @@ def probes(pipeline: LisaPipeline, n: int) -> None:
         for start in range(0, len(chosen), 16):
             samples = [data[i] for i in chosen[start : start + 16]]
             batch = batcher(samples, training=False)
-            out = model.llava(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"],
-                output_hidden_states=True,
+            state = model.mask_query_states(
+                batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
             )
-            query = seg_query_mask(batch["input_ids"], loaded.seg_token_id)
-            state = out.hidden_states[-1][query]
             states.append(state)
             prompts.append(model.project(state))
             for sample in samples:

@@ -26,7 +26,6 @@ from lisa_demo.config import preset
 from lisa_demo.data.reasonseg import ReasonSegDataset
 from lisa_demo.loading import load_lisa
 from lisa_demo.losses import dice_per_mask, sigmoid_bce_per_mask
-from lisa_demo.model import seg_query_mask
 from lisa_demo.train.data import SampleBatcher, training_targets
 
 
@@ -54,14 +53,11 @@ def main() -> None:
 
     def prompts(batch: dict) -> torch.Tensor:
         with torch.no_grad():
-            out = model.llava(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"],
-                output_hidden_states=True,
+            return model.project(
+                model.mask_query_states(
+                    batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+                )
             )
-            query = seg_query_mask(batch["input_ids"], loaded.seg_token_id)
-            return model.project(out.hidden_states[-1][query])
 
     shift, scale = 0.0, 1.0
     if os.environ.get("STANDARDISE"):

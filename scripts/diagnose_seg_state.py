@@ -12,7 +12,6 @@ from lisa_demo.checkpoint import load_trainable_state
 from lisa_demo.config import preset
 from lisa_demo.data.reasonseg import ReasonSegDataset
 from lisa_demo.loading import load_lisa
-from lisa_demo.model import seg_query_mask
 from lisa_demo.train.data import SampleBatcher
 
 torch.set_num_threads(2)
@@ -25,15 +24,8 @@ samples = [ds[i] for i in range(8)]
 fakes = [replace(s, query=ds[i + 20].query) for i, s in enumerate(samples)]
 batch = b(samples + fakes, training=False)
 with torch.no_grad():
-    o = m.llava(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        pixel_values=batch["pixel_values"],
-        output_hidden_states=True,
-        return_dict=True,
-    )
-    q = seg_query_mask(batch["input_ids"], m.seg_token_id)
-    h = torch.stack([o.hidden_states[-1][i][q[i]][0] for i in range(16)])
+    # One [SEG] per answer, so one state per sample, in order.
+    h = m.mask_query_states(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     pr = m.project(h)
     alive = (torch.relu(m.text_hidden_fcs[0](h)) > 0).any(0).sum().item()
     rel = ((pr[:8] - pr[8:]).norm(dim=1) / pr[:8].norm(dim=1)).mean().item()

@@ -249,7 +249,13 @@ def test_seg_word_loss_matches_a_hand_computation_and_only_counts_explained_mask
     bag = labels[second_seg + 1 :]
     bag = bag[bag != -100]
     assert len(bag) >= 6  # ". It is the red square." and the end token
-    state = states[seg_query_mask(inputs["input_ids"], tiny_loaded.seg_token_id)[0]][1]
+    query_states = states[seg_query_mask(inputs["input_ids"], tiny_loaded.seg_token_id)[0]]
+    with torch.no_grad():
+        direct = model.mask_query_states(
+            inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+        )
+    torch.testing.assert_close(direct, query_states)  # the diagnostics' accessor
+    state = query_states[1]
     log_probs = torch.log_softmax(head(state), dim=-1)
     expected = -log_probs[bag].mean()
     assert out.seg_word_loss.item() == pytest.approx(expected.item(), rel=1e-5)
