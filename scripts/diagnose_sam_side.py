@@ -7,10 +7,12 @@
 MODEL is a run's --export-model folder; "keep" continues its SAM, "fresh" starts SAM from the
 tiny-random initialisation; SECONDS bounds the run; an optional fourth argument is the learning
 rate (default 1e-3). STANDARDISE=1 centres and scales the prompts with statistics of 400
-validation prompts. Batches of 8 first queries from runs/pretrain/data/train, BCE x 2 + Dice,
-AdamW, clipping 1.0, as the pretraining. Prints the training IoU (last 200 masks) and its
-recent value per query family every 50 steps. Compare with scripts/diagnose_oracle_prompt.py,
-where the prompt is learned from the true target's words.
+validation prompts; FAMILY=attribute (or another family) trains on that query family alone;
+TRAIN_PROJECTION=1 trains the projection with SAM.
+Batches of 8 first queries from runs/pretrain/data/train, BCE x 2 + Dice, AdamW, clipping 1.0,
+as the pretraining. Prints the training IoU (last 200 masks) and its recent value per query
+family every 50 steps. Compare with scripts/diagnose_oracle_prompt.py, where the prompt is
+learned from the true target's words.
 """
 
 from __future__ import annotations
@@ -46,18 +48,24 @@ def main() -> None:
     model.requires_grad_(False)
     model.sam.requires_grad_(True)
     params = list(model.sam.parameters())
+    train_projection = bool(os.environ.get("TRAIN_PROJECTION"))
+    if train_projection:  # the projection learns with SAM, as in the full model
+        model.text_hidden_fcs.requires_grad_(True)
+        params += list(model.text_hidden_fcs.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     data = ReasonSegDataset("runs/pretrain/data/train", queries="first")
     families = [r.family for r in data.records]
+    only = os.environ.get("FAMILY")  # e.g. FAMILY=attribute: train on that family alone
+    pool = [i for i, f in enumerate(families) if only is None or f == only]
     batcher = SampleBatcher(loaded.processor, loaded.sam_processor)
 
     def prompts(batch: dict) -> torch.Tensor:
         with torch.no_grad():
-            return model.project(
-                model.mask_query_states(
-                    batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
-                )
+            states = model.mask_query_states(
+                batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
             )
+        with torch.set_grad_enabled(train_projection):
+            return model.project(states)
 
     shift, scale = 0.0, 1.0
     if os.environ.get("STANDARDISE"):
@@ -71,7 +79,7 @@ def main() -> None:
 
     start, ious, by_family = time.time(), [], {}
     for step in range(1, 1_000_000):
-        chosen = random.sample(range(len(data)), 8)
+        chosen = random.sample(pool, 8)
         batch = batcher([data[i] for i in chosen], training=False)
         prompt = (prompts(batch) - shift) / scale
         model.sam.train()
