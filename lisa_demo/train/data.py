@@ -141,7 +141,6 @@ def training_inputs(
         "input_ids": batch["input_ids"].to(device),
         "attention_mask": batch["attention_mask"].to(device),
         "labels": batch["labels"].to(device),
-        "pixel_values": batch["pixel_values"].to(device),
         "input_sizes": batch["input_sizes"],
         "original_sizes": batch["original_sizes"],
         "gt_masks": training_targets(batch["masks"]),
@@ -155,6 +154,8 @@ def training_inputs(
             batch, encode_features, device, pixels="pixel_values"
         )
         inputs["pixel_values"] = None
+    else:
+        inputs["pixel_values"] = batch["pixel_values"].to(device)
     return inputs
 
 

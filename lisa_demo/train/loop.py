@@ -223,7 +223,8 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         encoder_id = str(loaded.base["sam"].get("fingerprint") or loaded.base["sam"]["source"])
         cache = EmbeddingCache(encoder_id, disk_dir=cfg.embedding_cache_dir)
         llava_id = str(loaded.base["llava"].get("fingerprint") or loaded.base["llava"]["source"])
-        feature_cache = EmbeddingCache(f"{llava_id}/vision", disk_dir=cfg.embedding_cache_dir)
+        if not _vision_trains(core):
+            feature_cache = EmbeddingCache(f"{llava_id}/vision", disk_dir=cfg.embedding_cache_dir)
 
     per_epoch = max(1, (n_train // world) // cfg.batch_size // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
@@ -385,6 +386,13 @@ def _saved_at(cfg: TrainConfig, step: int) -> bool:
 
 def _num(value) -> float | None:
     return None if value is None else float(value.detach())
+
+
+def _vision_trains(model) -> bool:
+    """Whether any weight of LLaVA's vision tower or projector trains (then no feature cache)."""
+    llava = model.llava.get_base_model() if hasattr(model.llava, "get_base_model") else model.llava
+    vision = (llava.model.vision_tower, llava.model.multi_modal_projector)
+    return any(p.requires_grad for part in vision for p in part.parameters())
 
 
 def _cache_stats(cache: EmbeddingCache | None) -> dict | None:

@@ -252,3 +252,16 @@ def test_seg_word_head_trains_is_logged_and_stays_out_of_inference(dataset, tmp_
     plain = load_lisa(preset("tiny-random").replace(use_lora=True), device="cpu")
     assert plain.model.seg_word_head is None
     load_trainable_state(out / "checkpoints" / "best", plain.model)  # no "unexpected" error
+
+
+def test_vision_feature_cache_only_when_the_vision_side_is_frozen():
+    """LoRA runs (vision tower and projector frozen) may cache LLaVA's vision features;
+    --train-all trains them, so it must not."""
+    from lisa_demo.config import preset
+    from lisa_demo.loading import load_lisa
+    from lisa_demo.train.loop import _vision_trains
+
+    lora = load_lisa(preset("tiny-random").replace(use_lora=True), device="cpu", for_training=True)
+    assert not _vision_trains(lora.model)
+    full = load_lisa(preset("tiny-random").replace(train_all=True), device="cpu", for_training=True)
+    assert _vision_trains(full.model)
