@@ -181,7 +181,7 @@ def measure_inference(loaded, repeats: int) -> dict:
 
     def run(call: Callable, *args):
         processor = ForcedAnswer(answer_ids, tokenizer.eos_token_id)
-        pipeline.generation_options = {"logits_processor": LogitsProcessorList([processor])}
+        pipeline.logits_processor = LogitsProcessorList([processor])
         return timed(lambda: call(*args), loaded.device)
 
     device, image, warm = loaded.device, scene(11), scene(12)
@@ -228,8 +228,7 @@ def measure_generation(loaded, repeats: int, new_tokens: int = KV_TOKENS) -> dic
 
     from lisa_demo.inputs import collate_text, encode_image, encode_text, image_token_count
 
-    llava = loaded.model.llava
-    llava = llava.get_base_model() if hasattr(llava, "get_base_model") else llava
+    llava = loaded.model.base_llava
     tokenizer = loaded.tokenizer
     encoded = encode_image(scene(11), loaded.processor, loaded.sam_processor)
     ids, _ = encode_text(tokenizer, QUESTIONS[0], None, image_token_count(loaded.processor))

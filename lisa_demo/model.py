@@ -170,9 +170,15 @@ class LisaModel(nn.Module):
         return masks, scores
 
     # LLaVA side -------------------------------------------------------------------------
+    @property
+    def base_llava(self) -> nn.Module:
+        """The transformers LLaVA under any peft wrapper (LoRA layers live inside it)."""
+        llava = self.llava
+        return llava.get_base_model() if hasattr(llava, "get_base_model") else llava
+
     def encode_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """LLaVA's projected vision features [B, N, D] (the rows that replace `<image>`)."""
-        llava = self.llava.get_base_model() if hasattr(self.llava, "get_base_model") else self.llava
+        llava = self.base_llava
         dtype = next(llava.model.vision_tower.parameters()).dtype
         features = llava.get_image_features(
             pixel_values=pixel_values.to(dtype), return_dict=True

@@ -103,12 +103,12 @@ def force_answer(monkeypatch) -> Callable:
             return original_greedy(self, *args, **kwargs)
         scripts, eos_id = forced[id(self._llava)]
         processor = ScriptedAnswers(scripts, eos_id)
-        kept = self.generation_options
-        self.generation_options = {"logits_processor": LogitsProcessorList([processor])}
+        kept = self.logits_processor
+        self.logits_processor = LogitsProcessorList([processor])
         try:
             return original_greedy(self, *args, **kwargs)
         finally:
-            self.generation_options = kept
+            self.logits_processor = kept
 
     monkeypatch.setattr(LisaPipeline, "_greedy", greedy)
 

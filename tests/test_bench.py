@@ -59,7 +59,7 @@ def test_forced_answer_writes_the_script_then_eos(tiny_loaded, scene_image):
     from transformers import LogitsProcessorList
 
     processor = bench.ForcedAnswer(ids, tiny_loaded.tokenizer.eos_token_id)
-    pipeline.generation_options = {"logits_processor": LogitsProcessorList([processor])}
+    pipeline.logits_processor = LogitsProcessorList([processor])
     result = pipeline.segment(scene_image, QUESTION)
     assert result.answer == bench.FORCED_ANSWER
     assert len(result.masks) == 1

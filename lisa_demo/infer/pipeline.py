@@ -274,9 +274,9 @@ class LisaPipeline:
         self.lock = threading.Lock()
         self._cache: OrderedDict[str, _ImageEncoding] = OrderedDict()
         self._n_image_tokens = image_token_count(loaded.processor)
-        # Decoding options; only "logits_processor" is read (the benchmark forces an answer's
-        # length with one). Empty in normal use.
-        self.generation_options: dict[str, object] = {}
+        # Called as processor(sequence, scores) before each greedy choice (the benchmark forces
+        # an answer with one); None in normal use.
+        self.logits_processor = None
 
     @classmethod
     def from_config(
@@ -353,8 +353,7 @@ class LisaPipeline:
     @property
     def _llava(self):
         """The transformers LLaVA (peft's LoRA layers live inside it, in place)."""
-        llava = self.loaded.model.llava
-        return llava.get_base_model() if hasattr(llava, "get_base_model") else llava
+        return self.loaded.model.base_llava
 
     def _cache_key(self, pixels: np.ndarray) -> str:
         """Image content hash + the identity of the model that encodes it."""
@@ -490,7 +489,7 @@ class LisaPipeline:
         # are called directly (what LLaVA's forward does when there are no pixel values),
         # which saves the wrapper's per-step overhead.
         embed, language_model = llava.get_input_embeddings(), llava.model.language_model
-        processor = self.generation_options.get("logits_processor")
+        processor = self.logits_processor
         pad_id = _pad_id(self.loaded.tokenizer)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         step_ids, step_positions = input_ids[:, cached:], positions[:, cached:]

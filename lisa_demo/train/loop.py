@@ -390,7 +390,7 @@ def _num(value) -> float | None:
 
 def _vision_trains(model) -> bool:
     """Whether any weight of LLaVA's vision tower or projector trains (then no feature cache)."""
-    llava = model.llava.get_base_model() if hasattr(model.llava, "get_base_model") else model.llava
+    llava = model.base_llava
     vision = (llava.model.vision_tower, llava.model.multi_modal_projector)
     return any(p.requires_grad for part in vision for p in part.parameters())
 
