@@ -48,9 +48,14 @@ class LossWeights:
     # Not in LISA, for training from scratch: a training-only linear head reads each mask
     # query state and predicts the words of the answer after its [SEG] (the explanation).
     seg_words: float = 0.0
+    # Not in LISA, for training from scratch (SAM itself learned from clicks first): SAM also
+    # segments each target from a click inside it (mask loss, BCE + Dice, times `point`), and
+    # each [SEG] prompt is pulled towards that click's prompt embedding (MSE, times `prompt`).
+    point: float = 0.0
+    prompt: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("ce", "bce", "dice", "iou", "seg_words"):
+        for name in ("ce", "bce", "dice", "iou", "seg_words", "point", "prompt"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss weight {name} must be >= 0, got {getattr(self, name)}")
 

@@ -89,6 +89,8 @@ class LisaOutput(ModelOutput):
     dice_loss: torch.Tensor | None = None
     iou_loss: torch.Tensor | None = None
     seg_word_loss: torch.Tensor | None = None
+    point_loss: torch.Tensor | None = None
+    prompt_loss: torch.Tensor | None = None
     mask_logits: list[torch.Tensor] | None = None  # each [n_i, H_i, W_i]
     scores: list[torch.Tensor] | None = None  # each [n_i], SAM's predicted IoU
     mask_count: int | None = None
@@ -169,6 +171,19 @@ class LisaModel(nn.Module):
             scores.append(iou[0, :, 0].float())
         return masks, scores
 
+    def click_prompts(self, points: torch.Tensor) -> torch.Tensor:
+        """[n, 2] (x, y) clicks in SAM's padded input frame -> [n, P] one-token sparse prompts.
+
+        SAM's own embedding of a positive click (random Fourier features of the position plus
+        the "positive point" embedding), without the padding token SAM adds for point-only
+        prompts, so a click and a projected `[SEG]` state are prompts of the same form.
+        """
+        encoder = self.sam.prompt_encoder
+        size = float(self.sam_pad_size)
+        coords = (points.float() + 0.5).view(1, 1, -1, 2)  # SAM shifts to the pixel centre
+        features = encoder.shared_embedding(coords, (size, size))[0, 0]
+        return features + encoder.point_embed[1].weight
+
     # LLaVA side -------------------------------------------------------------------------
     @property
     def base_llava(self) -> nn.Module:
@@ -218,6 +233,7 @@ class LisaModel(nn.Module):
         sam_pixel_values: torch.Tensor | None = None,
         gt_masks: Sequence[torch.Tensor] | None = None,
         image_features: torch.Tensor | None = None,
+        click_points: Sequence[torch.Tensor] | None = None,
     ) -> LisaOutput:
         """Teacher-forced pass: text loss, one mask per `[SEG]` and, with gt_masks, mask losses.
 
@@ -226,6 +242,8 @@ class LisaModel(nn.Module):
         [B, 3, S, S] to compute them; gt_masks: per sample [n_i, H_i, W_i] in {0, 1};
         image_features: [B, N, D] cached LLaVA vision features (encode_image_features), used
         instead of pixel_values (only valid while the vision tower and projector are frozen).
+        click_points: per sample [n_i, 2] clicks inside each target (SAM input frame), for the
+        pretraining-only click losses (loss_weights.point / .prompt).
         """
         if image_embeddings is None:
             if sam_pixel_values is None:
@@ -279,7 +297,40 @@ class LisaModel(nn.Module):
             result.seg_word_loss = self.seg_word_loss(seg_states, input_ids, labels)
         if gt_masks is not None:
             self._add_losses(result, gt_masks)
+            if click_points is not None and self.training:
+                self._add_click_losses(
+                    result, prompts, click_points, gt_masks, image_embeddings, input_sizes,
+                    original_sizes,
+                )  # fmt: skip
         return result
+
+    def _add_click_losses(
+        self, result: LisaOutput, prompts, click_points, gt_masks, image_embeddings,
+        input_sizes, original_sizes,
+    ) -> None:  # fmt: skip
+        """SAM segments each target from a click inside it; [SEG] prompts move towards it."""
+        w = self.loss_weights
+        clicks = [self.click_prompts(p.to(image_embeddings.device)) for p in click_points]
+        extra = 0.0
+        if w.point:
+            logits, _ = self.decode_masks(clicks, image_embeddings, input_sizes, original_sizes)
+            terms = [
+                w.bce * sigmoid_bce_per_mask(lg, t.to(lg.device, lg.dtype))
+                + w.dice * dice_per_mask(lg, t.to(lg.device, lg.dtype))
+                for lg, t in zip(logits, gt_masks, strict=True)
+                if lg.shape[0]
+            ]
+            if terms:
+                result.point_loss = torch.cat(terms).mean()
+                extra = extra + w.point * result.point_loss
+        if w.prompt:
+            pairs = [(p, c) for p, c in zip(prompts, clicks, strict=True) if p.shape[0]]
+            if pairs:
+                seg = torch.cat([p for p, _ in pairs]).float()
+                click = torch.cat([c for _, c in pairs]).float().detach()
+                result.prompt_loss = F.mse_loss(seg, click)
+                extra = extra + w.prompt * result.prompt_loss
+        result.loss = result.loss + extra
 
     def seg_word_loss(
         self, seg_states: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor

@@ -218,6 +218,10 @@ def write_tiny_models(out: Path | str, seed: int = TINY_SEED) -> Path:
         llava_config(vocab_size, image_id, tokenizer.pad_token_id)
     )
     sam = SamModel(sam_config())
+    # transformers draws SAM's random Fourier position features with std hidden_size // 2
+    # (64 here); SAM itself uses std 1. At 64 neighbouring patches get unrelated phases, so a
+    # model trained from scratch cannot tell where anything is (loaded weights override it).
+    torch.nn.init.normal_(sam.shared_image_embedding.positional_embedding, std=1.0)
     llava.save_pretrained(out / "llava")
     llava_processor.save_pretrained(out / "llava")
     sam.save_pretrained(out / "sam")

@@ -282,3 +282,75 @@ def test_seg_word_head_exists_only_when_weighted_and_its_weight_is_validated():
     assert load_lisa(preset("tiny-random"), device="cpu").model.seg_word_head is None
     with pytest.raises(ConfigError, match="seg_words"):
         LossWeights(seg_words=-0.5)
+
+
+# Click losses (pretraining from scratch only) -------------------------------------------------
+def test_interior_point_is_the_pixel_deepest_inside_the_target():
+    from lisa_demo.train.data import interior_point
+
+    mask = np.zeros((7, 9), dtype=np.uint8)
+    mask[1:6, 2:7] = 1  # a 5x5 square: its centre (4, 3) is farthest from the outline
+    mask[0, 0] = 255  # ignore pixels are not target
+    assert interior_point(mask) == (4.0, 3.0)
+    assert interior_point(np.zeros((4, 6), dtype=np.uint8)) == (2.5, 1.5)
+
+
+def test_click_prompt_is_sams_own_embedding_of_a_positive_click(tiny_loaded):
+    model = tiny_loaded.model
+    points = torch.tensor([[10.0, 20.0], [200.0, 31.5]])
+    with torch.no_grad():
+        ours = model.click_prompts(points)
+        sparse, _ = model.sam.prompt_encoder(
+            points.view(1, 2, 1, 2), torch.ones(1, 2, 1), None, None
+        )
+    # SAM appends a "not a point" padding token to point-only prompts; ours is the click alone.
+    assert sparse.shape == (1, 2, 2, ours.shape[1])
+    assert torch.allclose(ours, sparse[0, :, 0], atol=1e-6)
+
+
+def test_tiny_sam_position_features_have_sams_scale():
+    """transformers draws them with std hidden_size // 2; SAM (and our tiny build) use 1."""
+    from lisa_demo.tiny import sam_config
+
+    from transformers import SamModel
+
+    assert SamModel(sam_config()).shared_image_embedding.positional_embedding.std() > 20
+    from lisa_demo.config import preset
+    from lisa_demo.loading import load_lisa
+
+    built = load_lisa(preset("tiny-random"), device="cpu").model.sam
+    std = built.shared_image_embedding.positional_embedding.std().item()
+    assert 0.7 < std < 1.3
+
+
+def test_click_losses_add_a_click_mask_loss_and_a_prompt_pull(
+    tiny_loaded, make_inputs, scene_image, monkeypatch
+):
+    model = tiny_loaded.model
+    inputs = make_inputs(tiny_loaded, scene_image, QUESTION, "Sure, [SEG].")
+    gt = _targets(scene_image.shape[:2], 1)
+    clicks = [torch.tensor([[12.0, 20.0]])]
+    weights = LossWeights(point=0.5, prompt=2.0)
+    monkeypatch.setattr(model, "loss_weights", weights)
+    model.train()
+    try:
+        with torch.no_grad():
+            plain = model(**inputs, gt_masks=gt)
+            out = model(**inputs, gt_masks=gt, click_points=clicks)
+            states = model.mask_query_states(
+                inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+            )
+            click = model.click_prompts(clicks[0])
+            embeddings = model.encode_images(inputs["sam_pixel_values"])
+            logits, _ = model.decode_masks(
+                [click], embeddings, inputs["input_sizes"], inputs["original_sizes"]
+            )
+    finally:
+        model.eval()
+    point = 2.0 * sigmoid_bce_per_mask(logits[0], gt[0]) + 0.5 * dice_per_mask(logits[0], gt[0])
+    prompt = torch.nn.functional.mse_loss(model.project(states), click)
+    assert out.point_loss.item() == pytest.approx(point.mean().item(), rel=1e-5)
+    assert out.prompt_loss.item() == pytest.approx(prompt.item(), rel=1e-5)
+    expected = plain.loss + 0.5 * out.point_loss + 2.0 * out.prompt_loss
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert plain.point_loss is None and plain.prompt_loss is None

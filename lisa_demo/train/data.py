@@ -12,6 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -128,14 +129,38 @@ def training_targets(masks: list[np.ndarray]) -> list[torch.Tensor]:
     return [torch.from_numpy((m == 1).astype(np.float32))[None] for m in masks]
 
 
+def interior_point(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the target pixel farthest from the target's outline (the centre of an empty
+    mask). mask: HxW, 1 = target."""
+    target = np.pad((mask == 1).astype(np.uint8), 1)
+    if not target.any():
+        return (mask.shape[1] - 1) / 2, (mask.shape[0] - 1) / 2
+    depth = cv2.distanceTransform(target, cv2.DIST_L2, 3)
+    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return float(x - 1), float(y - 1)
+
+
+def click_points(batch: dict) -> list[torch.Tensor]:
+    """Per sample [1, 2]: a click inside the target, in SAM's input frame (resized image)."""
+    clicks = []
+    for mask, (h, w), (height, width) in zip(
+        batch["masks"], batch["input_sizes"], batch["original_sizes"], strict=True
+    ):
+        x, y = interior_point(mask)
+        clicks.append(torch.tensor([[x * w / width, y * h / height]], dtype=torch.float32))
+    return clicks
+
+
 def training_inputs(
-    batch: dict, device, cache, encode, feature_cache=None, encode_features=None
-) -> dict:
+    batch: dict, device, cache, encode, feature_cache=None, encode_features=None,
+    clicks: bool = False,
+) -> dict:  # fmt: skip
     """LisaModel.forward keyword arguments for a training batch on `device`.
 
     With `cache`, SAM embeddings come from it (`encode` fills misses) instead of SAM pixels;
     with `feature_cache`, LLaVA's projected vision features come from it (`encode_features`
     fills misses) instead of CLIP pixels. Both are only valid for frozen encoders.
+    `clicks` adds a click inside each target (the pretraining-only click losses).
     """
     inputs = {
         "input_ids": batch["input_ids"].to(device),
@@ -145,6 +170,8 @@ def training_inputs(
         "original_sizes": batch["original_sizes"],
         "gt_masks": training_targets(batch["masks"]),
     }
+    if clicks:
+        inputs["click_points"] = click_points(batch)
     if cache is not None:
         inputs["image_embeddings"] = cache.embeddings(batch, encode, device)
     else:

@@ -226,6 +226,8 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         if not _vision_trains(core):
             feature_cache = EmbeddingCache(f"{llava_id}/vision", disk_dir=cfg.embedding_cache_dir)
 
+    weights = cfg.model.losses
+    clicks = bool(weights.point or weights.prompt)
     per_epoch = max(1, (n_train // world) // cfg.batch_size // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
     epochs = cfg.epochs if not cfg.max_steps else math.ceil(cfg.max_steps / per_epoch)
@@ -288,7 +290,7 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
             samples = [train_set[i] for i in batch_indices]
             batch = batcher(samples, training=True, epoch=progress.epoch, indices=batch_indices)
             inputs = training_inputs(batch, device, cache, core.encode_images, feature_cache,
-                                     core.encode_image_features)  # fmt: skip
+                                     core.encode_image_features, clicks=clicks)  # fmt: skip
             micro += 1
             sync = micro % cfg.grad_accum == 0 or index == len(batches) - 1
             with accelerator.autocast():
@@ -325,7 +327,8 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
                     "log", step=progress.step, epoch=progress.epoch,
                     loss=float(out.loss.detach()), ce_loss=_num(out.ce_loss),
                     bce_loss=_num(out.bce_loss), dice_loss=_num(out.dice_loss),
-                    iou_loss=_num(out.iou_loss), seg_word_loss=_num(out.seg_word_loss), lr=lr,
+                    iou_loss=_num(out.iou_loss), seg_word_loss=_num(out.seg_word_loss),
+                    point_loss=_num(out.point_loss), prompt_loss=_num(out.prompt_loss), lr=lr,
                     samples_per_sec=window_samples / max(elapsed, 1e-9),
                     memory_mb=round(peak_memory_mb(device), 1), total_steps=total_steps,
                     eta_seconds=round(per_step * (total_steps - progress.step), 1),

@@ -213,6 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="not in LISA: a training-only head makes each mask query state predict the "
         "explanation's words (for training from scratch)",
     )
+    _add(
+        p,
+        "point-weight",
+        type=float,
+        default=0.0,
+        help="not in LISA, for training from scratch: SAM also segments each target from a "
+        "click inside it (BCE + Dice with the mask weights, times this)",
+    )
+    _add(
+        p,
+        "prompt-weight",
+        type=float,
+        default=0.0,
+        help="not in LISA, for training from scratch: MSE pulling each [SEG] prompt towards "
+        "SAM's prompt for a click inside the target",
+    )
     _add(p, "embedding-cache-dir", type=Path, default=None)
     _add(p, "no-embedding-cache", action="store_true")
     _add(p, "export-model", action="store_true", help="full training: write OUT/model")
@@ -246,8 +262,9 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     elif "use_lora" not in changes:
         changes["use_lora"] = True  # fine-tuning default: LoRA on the language model
     changes["losses"] = LossWeights(
-        args.ce_weight, args.bce_weight, args.dice_weight, args.iou_weight, args.seg_word_weight
-    )
+        args.ce_weight, args.bce_weight, args.dice_weight, args.iou_weight, args.seg_word_weight,
+        args.point_weight, args.prompt_weight,
+    )  # fmt: skip
     return cfg.replace(**changes)
 
 
