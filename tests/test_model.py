@@ -310,9 +310,9 @@ def test_click_prompt_is_sams_own_embedding_of_a_positive_click(tiny_loaded):
 
 def test_tiny_sam_position_features_have_sams_scale():
     """transformers draws them with std hidden_size // 2; SAM (and our tiny build) use 1."""
-    from lisa_demo.tiny import sam_config
-
     from transformers import SamModel
+
+    from lisa_demo.tiny import sam_config
 
     assert SamModel(sam_config()).shared_image_embedding.positional_embedding.std() > 20
     from lisa_demo.config import preset
