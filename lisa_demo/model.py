@@ -145,30 +145,42 @@ class LisaModel(nn.Module):
         """
         sam = self.sam
         decoder_dtype = next(sam.mask_decoder.parameters()).dtype
-        positional = sam.get_image_wide_positional_embeddings().to(decoder_dtype)
-        _, dense = sam.prompt_encoder(None, None, None, None)
+        counts = [int(p.shape[0]) for p in prompts]
+        low_res = iou = None
+        if sum(counts):
+            # One decoder call for every prompt of the batch: each prompt is its own row
+            # (point_batch 1) with its image's embeddings, which is what SAM's decoder does
+            # inside for several prompts of one image.
+            rows = torch.repeat_interleave(
+                torch.arange(len(counts), device=image_embeddings.device),
+                torch.tensor(counts, device=image_embeddings.device),
+            )
+            sparse = torch.cat(list(prompts)).to(decoder_dtype)
+            positional = sam.get_image_wide_positional_embeddings().to(decoder_dtype)
+            _, dense = sam.prompt_encoder(None, None, None, None)
+            low_res, iou = sam.mask_decoder(
+                image_embeddings=image_embeddings.to(decoder_dtype).index_select(0, rows),
+                image_positional_embeddings=positional.expand(len(rows), -1, -1, -1),
+                sparse_prompt_embeddings=sparse.view(len(rows), 1, 1, -1),
+                dense_prompt_embeddings=dense.to(decoder_dtype).expand(len(rows), -1, -1, -1),
+                multimask_output=False,
+            )
         masks: list[torch.Tensor] = []
         scores: list[torch.Tensor] = []
-        for i, prompt in enumerate(prompts):
-            if prompt.shape[0] == 0:
+        start = 0
+        for i, n in enumerate(counts):
+            if n == 0:
                 height, width = original_sizes[i]
                 masks.append(image_embeddings.new_zeros((0, height, width), dtype=torch.float32))
                 scores.append(image_embeddings.new_zeros((0,), dtype=torch.float32))
                 continue
-            # One image, n_i prompts: point_batch = n_i, one sparse token each.
-            sparse = prompt.to(decoder_dtype).view(1, prompt.shape[0], 1, -1)
-            low_res, iou = sam.mask_decoder(
-                image_embeddings=image_embeddings[i : i + 1].to(decoder_dtype),
-                image_positional_embeddings=positional,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense.to(decoder_dtype),
-                multimask_output=False,
-            )
             logits = upsample_mask_logits(
-                low_res[0, :, 0], self.sam_pad_size, input_sizes[i], original_sizes[i]
-            )
+                low_res[start : start + n, 0, 0], self.sam_pad_size, input_sizes[i],
+                original_sizes[i],
+            )  # fmt: skip
             masks.append(logits)
-            scores.append(iou[0, :, 0].float())
+            scores.append(iou[start : start + n, 0, 0].float())
+            start += n
         return masks, scores
 
     def click_prompts(self, points: torch.Tensor) -> torch.Tensor:

@@ -694,13 +694,15 @@ def _ignore_shapes(rng: random.Random, full: np.ndarray, visible: np.ndarray) ->
     return [] if has_holes else [_shape("ignore", poly) for poly in polygons]
 
 
-def _describe(obj: SceneObject, is_target: bool) -> dict:
+def _describe(obj: SceneObject, is_target: bool, visible: np.ndarray) -> dict:
+    polygons, _ = _outer_polygons(visible)
     return {
         "kind": obj.kind,
         "colour": obj.colour,
         "size": obj.size,
         "centre": [round(obj.x, 1), round(obj.y, 1)],
         "target": is_target,
+        "outline": polygons,  # outer outlines of its visible pixels, [[[x, y], ...], ...]
     }
 
 
@@ -726,7 +728,10 @@ def _finish(
         "is_sentence": is_sentence,
         "family": family,
         "shapes": shapes,
-        "objects": [_describe(obj, obj is draft.target) for obj in objects],
+        "objects": [
+            _describe(obj, obj is draft.target, labels == index)
+            for index, obj in enumerate(objects)
+        ],
         "imageHeight": height,
         "imageWidth": width,
     }
@@ -773,7 +778,8 @@ def generate_scene(
     Returns:
         image: uint8 [H, W, 3] RGB, H and W in IMAGE_SIDES, never square.
         annotation: ReasonSeg JSON ("text", "is_sentence", "shapes") plus "family", "objects"
-            (kind, colour, size, centre, target; in paint order), "imageHeight", "imageWidth".
+            (kind, colour, size, centre, target and the outline of the visible pixels; in
+            paint order), "imageHeight", "imageWidth".
     """
     vocab = _vocabulary(exclude_concept, focus_concept)
     families = scene_families(focus_concept)
@@ -850,11 +856,26 @@ def generate_dataset(
     return dict(splits)
 
 
+def where(x: float, y: float, width: int, height: int) -> str:
+    """Which ninth of the image a point is in: "at the top left", "on the right", "in the
+    middle" (thirds of the width and of the height)."""
+    column = ("left", None, "right")[min(2, int(3 * x / width))]
+    row = ("top", None, "bottom")[min(2, int(3 * y / height))]
+    if row and column:
+        return f"at the {row} {column}"
+    if row or column:
+        return f"at the {row}" if row else f"on the {column}"
+    return "in the middle"
+
+
 def target_description(annotation: dict) -> str:
-    """'It is the small red triangle.' for the scene's target (what an explanation says)."""
+    """'It is the small red triangle at the top left.' for the scene's target (what an
+    explanation says): its size, colour and kind, and where its centre is."""
     target = next(obj for obj in annotation["objects"] if obj["target"])
     size = SIZE_WORDS[target["size"]][0]
-    return f"It is the {size} {target['colour']} {target['kind']}."
+    x, y = target["centre"]
+    place = where(x, y, annotation["imageWidth"], annotation["imageHeight"])
+    return f"It is the {size} {target['colour']} {target['kind']} {place}."
 
 
 def explanations_for(image_name: str, annotation: dict) -> list[dict]:

@@ -219,12 +219,23 @@ def test_cli_writes_splits_and_refuses_a_non_empty_folder(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def test_where_names_the_ninth_of_the_image():
+    from lisa_demo.data.synthetic import where
+
+    assert where(10, 10, 300, 200) == "at the top left"
+    assert where(150, 10, 300, 200) == "at the top"
+    assert where(299, 100, 300, 200) == "on the right"
+    assert where(150, 100, 300, 200) == "in the middle"
+    assert where(0, 199.9, 300, 200) == "at the bottom left"
+    assert where(300, 200, 300, 200) == "at the bottom right"  # the far edge stays inside
+
+
 def test_explanations_name_the_target_of_every_query(tmp_path):
     import random as _random
 
     from lisa_demo.data.prompts import training_answer
     from lisa_demo.data.reasonseg import ReasonSegDataset
-    from lisa_demo.data.synthetic import generate_dataset
+    from lisa_demo.data.synthetic import generate_dataset, where
 
     generate_dataset(tmp_path, {"train": 4}, seed=5)
     entries = json.loads((tmp_path / "train_explanations.json").read_text())
@@ -238,5 +249,8 @@ def test_explanations_name_the_target_of_every_query(tmp_path):
         target = next(obj for obj in annotation["objects"] if obj["target"])
         assert sample.explanation.startswith("It is the ")
         assert target["colour"] in sample.explanation and target["kind"] in sample.explanation
+        assert sample.explanation.endswith(
+            where(*target["centre"], annotation["imageWidth"], annotation["imageHeight"]) + "."
+        )
         answer = training_answer(_random.Random(0), sample.explanation)
         assert answer.index("[SEG]") < answer.index(sample.explanation)
