@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 WEIGHTS = "trainable.safetensors"
-TRAINING_ONLY_PREFIX = "seg_word_head."  # LisaModel.seg_word_head: training-only
+# LisaModel's training-only modules (seg_word_head, target_head, description_prompts).
+TRAINING_ONLY_PREFIX = ("seg_word_head.", "target_head.", "description_prompts.")
 FORMAT = "lisa-studio-checkpoint"
 
 
@@ -146,7 +147,7 @@ def load_trainable_state(folder: Path | str, model: torch.nn.Module) -> None:
     """Copy saved tensors into the model's trainable parameters; names and shapes must match."""
     state = load_file(str(Path(folder) / WEIGHTS))
     params = dict(model.named_parameters())
-    # The training-only seg-word head: kept for resuming, ignored by a model built without it.
+    # Training-only heads: kept for resuming, ignored by a model built without them.
     state = {
         name: tensor
         for name, tensor in state.items()

@@ -53,9 +53,14 @@ class LossWeights:
     # each [SEG] prompt is pulled towards that click's prompt embedding (MSE, times `prompt`).
     point: float = 0.0
     prompt: float = 0.0
+    # Not in LISA, for training from scratch on synthetic scenes (lisa_demo.train.warmup):
+    # each mask query state predicts its target's kind, colour, size and region (a
+    # training-only head, cross-entropy), and its prompt is pulled (MSE) towards the
+    # description prompt that SAM learned to segment in the SAM warm-up.
+    target: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("ce", "bce", "dice", "iou", "seg_words", "point", "prompt"):
+        for name in ("ce", "bce", "dice", "iou", "seg_words", "point", "prompt", "target"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss weight {name} must be >= 0, got {getattr(self, name)}")
 

@@ -381,8 +381,9 @@ def set_trainable(model: LisaModel, cfg: ModelConfig, for_training: bool) -> Non
         model.sam.requires_grad_(False)
         model.sam.mask_decoder.requires_grad_(True)
     model.text_hidden_fcs.requires_grad_(True)
-    if model.seg_word_head is not None:  # training-only head (--seg-word-weight)
-        model.seg_word_head.requires_grad_(True)
+    for head in (model.seg_word_head, model.target_head, model.description_prompts):
+        if head is not None:  # training-only heads (--seg-word-weight, --target-weight)
+            head.requires_grad_(True)
     model.train()
 
 

@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from lisa_demo.config import LossWeights
+from lisa_demo.data.synthetic import DESCRIPTION_CLASSES
 from lisa_demo.losses import dice_per_mask, sigmoid_bce_per_mask
 
 
@@ -91,9 +92,26 @@ class LisaOutput(ModelOutput):
     seg_word_loss: torch.Tensor | None = None
     point_loss: torch.Tensor | None = None
     prompt_loss: torch.Tensor | None = None
+    target_loss: torch.Tensor | None = None
     mask_logits: list[torch.Tensor] | None = None  # each [n_i, H_i, W_i]
     scores: list[torch.Tensor] | None = None  # each [n_i], SAM's predicted IoU
     mask_count: int | None = None
+
+
+class DescriptionPrompts(nn.Module):
+    """A prompt for SAM from an object's description: the sum of one learned vector per
+    kind, colour, size and region (the SAM warm-up teaches SAM to segment the object so
+    described)."""
+
+    def __init__(self, prompt_size: int) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(n, prompt_size) for n in DESCRIPTION_CLASSES)
+        for table in self.tables:
+            nn.init.normal_(table.weight, std=0.5)
+
+    def forward(self, classes: torch.Tensor) -> torch.Tensor:
+        """[n, 4] (kind, colour, size, region) indices -> [n, P] prompts."""
+        return sum(table(classes[:, i]) for i, table in enumerate(self.tables))
 
 
 class LisaModel(nn.Module):
@@ -121,6 +139,12 @@ class LisaModel(nn.Module):
         if self.loss_weights.seg_words > 0:
             vocab_size = llava.get_input_embeddings().weight.shape[0]
             self.seg_word_head = nn.Linear(hidden_size, vocab_size)
+        # Training-only (loss_weights.target, synthetic scenes); never exported.
+        self.target_head: nn.Linear | None = None
+        self.description_prompts: DescriptionPrompts | None = None
+        if self.loss_weights.target > 0:
+            self.target_head = nn.Linear(hidden_size, sum(DESCRIPTION_CLASSES))
+            self.description_prompts = DescriptionPrompts(prompt_size)
         self.sam_pad_size = sam.config.vision_config.image_size
 
     # SAM side ---------------------------------------------------------------------------
@@ -246,6 +270,7 @@ class LisaModel(nn.Module):
         gt_masks: Sequence[torch.Tensor] | None = None,
         image_features: torch.Tensor | None = None,
         click_points: Sequence[torch.Tensor] | None = None,
+        target_classes: Sequence[torch.Tensor] | None = None,
     ) -> LisaOutput:
         """Teacher-forced pass: text loss, one mask per `[SEG]` and, with gt_masks, mask losses.
 
@@ -256,6 +281,8 @@ class LisaModel(nn.Module):
         instead of pixel_values (only valid while the vision tower and projector are frozen).
         click_points: per sample [n_i, 2] clicks inside each target (SAM input frame), for the
         pretraining-only click losses (loss_weights.point / .prompt).
+        target_classes: per sample [n_i, 4] (kind, colour, size, region) of each target, -1
+        where unknown, for the pretraining-only target losses (loss_weights.target).
         """
         if image_embeddings is None:
             if sam_pixel_values is None:
@@ -307,6 +334,9 @@ class LisaModel(nn.Module):
         )
         if labels is not None and self.seg_word_head is not None and self.training:
             result.seg_word_loss = self.seg_word_loss(seg_states, input_ids, labels)
+        if target_classes is not None and self.target_head is not None and self.training:
+            result.target_loss = self.target_loss(seg_states, torch.cat(list(prompts)),
+                                                  target_classes)  # fmt: skip
         if gt_masks is not None:
             self._add_losses(result, gt_masks)
             if click_points is not None and self.training:
@@ -343,6 +373,27 @@ class LisaModel(nn.Module):
                 result.prompt_loss = F.mse_loss(seg, click)
                 extra = extra + w.prompt * result.prompt_loss
         result.loss = result.loss + extra
+
+    def target_loss(
+        self, seg_states: torch.Tensor, prompts: torch.Tensor, target_classes
+    ) -> torch.Tensor | None:
+        """Cross-entropy of the target head's four class predictions (summed) plus the MSE
+        between each prompt and the (fixed) description prompt of its target.
+
+        seg_states [n, H] and prompts [n, P] in batch order; target_classes per sample
+        [n_i, 4], rows with a -1 skipped. None when no row is known.
+        """
+        classes = torch.cat([c.to(seg_states.device).long() for c in target_classes])
+        known = (classes >= 0).all(dim=1)
+        if classes.shape[0] != seg_states.shape[0]:
+            raise ValueError(f"{seg_states.shape[0]} [SEG] tokens but {classes.shape[0]} targets")
+        if not known.any():
+            return None
+        classes = classes[known]
+        logits = self.target_head(seg_states[known].float()).split(DESCRIPTION_CLASSES, dim=-1)
+        loss = sum(F.cross_entropy(part, classes[:, i]) for i, part in enumerate(logits))
+        described = self.description_prompts(classes).detach()
+        return loss + F.mse_loss(prompts[known].float(), described.float())
 
     def seg_word_loss(
         self, seg_states: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor
@@ -397,4 +448,6 @@ class LisaModel(nn.Module):
             loss = loss + w.iou * result.iou_loss
         if w.seg_words and result.seg_word_loss is not None:
             loss = loss + w.seg_words * result.seg_word_loss
+        if w.target and result.target_loss is not None:
+            loss = loss + w.target * result.target_loss
         result.loss = loss + w.ce * ce if ce is not None else loss

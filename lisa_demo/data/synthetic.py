@@ -868,6 +868,35 @@ def where(x: float, y: float, width: int, height: int) -> str:
     return "in the middle"
 
 
+REGIONS = tuple(where(x + 0.5, y + 0.5, 3, 3) for y in range(3) for x in range(3))
+# Class spaces of an object's description: kind, colour, size and region (ninth of the image).
+DESCRIPTION_CLASSES = (len(SHAPE_KINDS), len(COLOURS), len(SIZES), len(REGIONS))
+
+
+def object_classes(obj: dict, width: int, height: int) -> tuple[int, int, int, int]:
+    """Indices of an annotation object's kind, colour, size and region (DESCRIPTION_CLASSES)."""
+    x, y = obj["centre"]
+    return (
+        SHAPE_KINDS.index(obj["kind"]),
+        list(COLOURS).index(obj["colour"]),
+        list(SIZES).index(obj["size"]),
+        REGIONS.index(where(x, y, width, height)),
+    )
+
+
+def target_classes(annotation: dict) -> tuple[int, int, int, int] | None:
+    """object_classes of the scene's target; None for annotations without synthetic objects."""
+    targets = [
+        o for o in annotation.get("objects") or [] if isinstance(o, dict) and o.get("target")
+    ]
+    if len(targets) != 1:
+        return None
+    try:
+        return object_classes(targets[0], annotation["imageWidth"], annotation["imageHeight"])
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def target_description(annotation: dict) -> str:
     """'It is the small red triangle at the top left.' for the scene's target (what an
     explanation says): its size, colour and kind, and where its centre is."""

@@ -7,6 +7,7 @@ reused across the queries of that image and across epochs (in memory, optionally
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from lisa_demo.data.prompts import EVAL_ANSWER, eval_question, training_answer, training_question
 from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
+from lisa_demo.data.synthetic import target_classes
 from lisa_demo.inputs import (
     EncodedImage,
     collate_text,
@@ -32,6 +34,16 @@ from lisa_demo.inputs import (
 class PreparedImage:
     encoded: EncodedImage
     mask: np.ndarray  # HxW uint8, 0 / 1 / 255
+    # Synthetic scenes: the target's (kind, colour, size, region) indices, else None.
+    target_classes: tuple[int, int, int, int] | None = None
+
+
+def _target_classes(record) -> tuple[int, int, int, int] | None:
+    try:
+        annotation = json.loads(Path(record.json_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return target_classes(annotation) if isinstance(annotation, dict) else None
 
 
 class ImageStore:
@@ -49,7 +61,7 @@ class ImageStore:
         if item is None:
             image = sample.record.load_image()
             encoded = encode_image(image, self.processor, self.sam_processor)
-            item = PreparedImage(encoded, sample.record.load_mask())
+            item = PreparedImage(encoded, sample.record.load_mask(), _target_classes(sample.record))
             self._items[path] = item
             if len(self._items) > self.capacity:
                 self._items.popitem(last=False)
@@ -120,6 +132,7 @@ class SampleBatcher:
             original_sizes=[e.original_size for e in encoded],
             image_keys=[e.key for e in encoded],
             masks=[p.mask for p in prepared],
+            target_classes=[p.target_classes for p in prepared],
         )
         return batch
 
@@ -153,14 +166,15 @@ def click_points(batch: dict) -> list[torch.Tensor]:
 
 def training_inputs(
     batch: dict, device, cache, encode, feature_cache=None, encode_features=None,
-    clicks: bool = False,
+    clicks: bool = False, targets: bool = False,
 ) -> dict:  # fmt: skip
     """LisaModel.forward keyword arguments for a training batch on `device`.
 
     With `cache`, SAM embeddings come from it (`encode` fills misses) instead of SAM pixels;
     with `feature_cache`, LLaVA's projected vision features come from it (`encode_features`
     fills misses) instead of CLIP pixels. Both are only valid for frozen encoders.
-    `clicks` adds a click inside each target (the pretraining-only click losses).
+    `clicks` adds a click inside each target (the pretraining-only click losses), `targets`
+    each target's description classes (the pretraining-only target losses; -1 if unknown).
     """
     inputs = {
         "input_ids": batch["input_ids"].to(device),
@@ -172,6 +186,11 @@ def training_inputs(
     }
     if clicks:
         inputs["click_points"] = click_points(batch)
+    if targets:
+        inputs["target_classes"] = [
+            torch.tensor([list(c) if c is not None else [-1] * 4], dtype=torch.long)
+            for c in batch["target_classes"]
+        ]
     if cache is not None:
         inputs["image_embeddings"] = cache.embeddings(batch, encode, device)
     else:

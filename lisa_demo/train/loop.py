@@ -207,7 +207,17 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
     val_samples = val_samples[: cfg.max_val_samples or None]
     loaded = load_lisa(cfg.model, checkpoint=resume, device=device, for_training=True)
     model = loaded.model
+    if resume is None and (cfg.vision_warmup_minutes or cfg.sam_warmup_minutes):
+        if world > 1:
+            raise ConfigError("the encoder warm-ups run in one process: drop accelerate launch")
+        _warm_up(cfg, loaded, [train_set[i] for i in range(n_train)], events, stop)
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.freeze_encoders:
+        # The encoders keep requires_grad (checkpoints of a --train-all run hold every
+        # weight) but leave the optimizer; their outputs come from the caches below.
+        frozen = {id(p) for p in _encoder_parameters(model)}
+        params = [p for p in params if id(p) not in frozen]
+        model.train_sam_encoder = False
     for p in params:  # master weights in fp32; autocast does the low-precision math
         p.data = p.data.float()
     optimizer = build_optimizer(params, cfg)
@@ -219,15 +229,16 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
     # Frozen image encoders (every run but --train-all): SAM's image embeddings and LLaVA's
     # projected vision features are computed once per image, then reused.
     cache = feature_cache = None
-    if not cfg.model.train_all and not cfg.no_embedding_cache:
+    if (not cfg.model.train_all or cfg.freeze_encoders) and not cfg.no_embedding_cache:
         encoder_id = str(loaded.base["sam"].get("fingerprint") or loaded.base["sam"]["source"])
         cache = EmbeddingCache(encoder_id, disk_dir=cfg.embedding_cache_dir)
         llava_id = str(loaded.base["llava"].get("fingerprint") or loaded.base["llava"]["source"])
-        if not _vision_trains(core):
+        if cfg.freeze_encoders or not _vision_trains(core):
             feature_cache = EmbeddingCache(f"{llava_id}/vision", disk_dir=cfg.embedding_cache_dir)
 
     weights = cfg.model.losses
     clicks = bool(weights.point or weights.prompt)
+    targets = bool(weights.target)
     per_epoch = max(1, (n_train // world) // cfg.batch_size // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
     epochs = cfg.epochs if not cfg.max_steps else math.ceil(cfg.max_steps / per_epoch)
@@ -290,7 +301,8 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
             samples = [train_set[i] for i in batch_indices]
             batch = batcher(samples, training=True, epoch=progress.epoch, indices=batch_indices)
             inputs = training_inputs(batch, device, cache, core.encode_images, feature_cache,
-                                     core.encode_image_features, clicks=clicks)  # fmt: skip
+                                     core.encode_image_features, clicks=clicks,
+                                     targets=targets)  # fmt: skip
             micro += 1
             sync = micro % cfg.grad_accum == 0 or index == len(batches) - 1
             with accelerator.autocast():
@@ -328,7 +340,8 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
                     loss=float(out.loss.detach()), ce_loss=_num(out.ce_loss),
                     bce_loss=_num(out.bce_loss), dice_loss=_num(out.dice_loss),
                     iou_loss=_num(out.iou_loss), seg_word_loss=_num(out.seg_word_loss),
-                    point_loss=_num(out.point_loss), prompt_loss=_num(out.prompt_loss), lr=lr,
+                    point_loss=_num(out.point_loss), prompt_loss=_num(out.prompt_loss),
+                    target_loss=_num(out.target_loss), lr=lr,
                     samples_per_sec=window_samples / max(elapsed, 1e-9),
                     memory_mb=round(peak_memory_mb(device), 1), total_steps=total_steps,
                     eta_seconds=round(per_step * (total_steps - progress.step), 1),
@@ -389,6 +402,33 @@ def _saved_at(cfg: TrainConfig, step: int) -> bool:
 
 def _num(value) -> float | None:
     return None if value is None else float(value.detach())
+
+
+def _encoder_parameters(model) -> list[torch.nn.Parameter]:
+    """CLIP's tower and projector and SAM's image encoder (what --freeze-encoders keeps)."""
+    llava = model.base_llava.model
+    parts = (llava.vision_tower, llava.multi_modal_projector, model.sam.vision_encoder)
+    return [p for part in parts for p in part.parameters()]
+
+
+def _warm_up(cfg: TrainConfig, loaded: LoadedLisa, samples, events: EventLog, stop) -> None:
+    """The pretraining-only encoder stages (lisa_demo.train.warmup), before the LISA loop."""
+    from lisa_demo.train import warmup
+
+    model = loaded.model
+    batcher = SampleBatcher(loaded.processor, loaded.sam_processor, seed=cfg.seed)
+
+    def should_stop() -> bool:
+        return stop.requested or (stop.deadline is not None and time.monotonic() > stop.deadline)
+
+    model.train()
+    if cfg.vision_warmup_minutes:
+        warmup.warm_up_vision(model, batcher, samples, cfg.vision_warmup_minutes,
+                              seed=cfg.seed, emit=events.emit, should_stop=should_stop)  # fmt: skip
+    if cfg.sam_warmup_minutes:
+        warmup.warm_up_sam(model, batcher, samples, cfg.sam_warmup_minutes, seed=cfg.seed,
+                           bce_weight=cfg.model.losses.bce, dice_weight=cfg.model.losses.dice,
+                           emit=events.emit, should_stop=should_stop)  # fmt: skip
 
 
 def _vision_trains(model) -> bool:

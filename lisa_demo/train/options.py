@@ -66,6 +66,10 @@ class TrainConfig:
     embedding_cache_dir: Path | None = None  # on-disk SAM embedding cache (frozen encoder)
     no_embedding_cache: bool = False
     export_model: bool = False  # full training: also write OUT/model as a loadable base
+    # Pretraining from scratch only (--train-all; not in LISA), see lisa_demo.train.warmup:
+    vision_warmup_minutes: float = 0.0  # CLIP learns to label its patches first
+    sam_warmup_minutes: float = 0.0  # SAM learns to segment from a click first
+    freeze_encoders: bool = False  # then the LISA loop leaves both image encoders as they are
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -90,6 +94,8 @@ class TrainConfig:
             "num_workers",
             "weight_decay",
             "max_minutes",
+            "vision_warmup_minutes",
+            "sam_warmup_minutes",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")  # fmt: skip
@@ -105,6 +111,12 @@ class TrainConfig:
             raise ConfigError(f"--metric must be one of {METRICS}")
         if self.queries not in ("all", "random"):
             raise ConfigError("--queries must be all or random")
+        warmups = self.vision_warmup_minutes or self.sam_warmup_minutes
+        if (warmups or self.freeze_encoders) and not self.model.train_all:
+            raise ConfigError(
+                "--vision-warmup-minutes, --sam-warmup-minutes and --freeze-encoders are for "
+                "pretraining from scratch: add --train-all"
+            )
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -229,9 +241,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="not in LISA, for training from scratch: MSE pulling each [SEG] prompt towards "
         "SAM's prompt for a click inside the target",
     )
+    _add(
+        p,
+        "target-weight",
+        type=float,
+        default=0.0,
+        help="not in LISA, for training from scratch on synthetic scenes: each [SEG] state "
+        "predicts its target's kind, colour, size and region (a training-only head), and its "
+        "prompt is pulled towards the description prompt SAM learned in the SAM warm-up",
+    )
     _add(p, "embedding-cache-dir", type=Path, default=None)
     _add(p, "no-embedding-cache", action="store_true")
     _add(p, "export-model", action="store_true", help="full training: write OUT/model")
+    _add(
+        p,
+        "vision-warmup-minutes",
+        type=float,
+        default=0.0,
+        help="--train-all, not in LISA: first train CLIP for this long to label its patches "
+        "(kind, colour, size of the object under each; synthetic scenes)",
+    )
+    _add(
+        p,
+        "sam-warmup-minutes",
+        type=float,
+        default=0.0,
+        help="--train-all, not in LISA: first train SAM for this long to segment each target "
+        "from a click inside it",
+    )
+    _add(
+        p,
+        "freeze-encoders",
+        action="store_true",
+        help="--train-all: the LISA loop leaves CLIP (and its projector) and SAM's image "
+        "encoder as the warm-ups left them and caches their outputs",
+    )
     return p
 
 
@@ -263,7 +307,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         changes["use_lora"] = True  # fine-tuning default: LoRA on the language model
     changes["losses"] = LossWeights(
         args.ce_weight, args.bce_weight, args.dice_weight, args.iou_weight, args.seg_word_weight,
-        args.point_weight, args.prompt_weight,
+        args.point_weight, args.prompt_weight, args.target_weight,
     )  # fmt: skip
     return cfg.replace(**changes)
 
@@ -308,4 +352,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         embedding_cache_dir=args.embedding_cache_dir,
         no_embedding_cache=args.no_embedding_cache,
         export_model=args.export_model,
+        vision_warmup_minutes=args.vision_warmup_minutes,
+        sam_warmup_minutes=args.sam_warmup_minutes,
+        freeze_encoders=args.freeze_encoders,
     )

@@ -1,0 +1,173 @@
+"""The pretraining-only pieces: encoder warm-ups, the target losses, frozen encoders."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lisa_demo.data.synthetic import (
+    COLOURS,
+    DESCRIPTION_CLASSES,
+    REGIONS,
+    SHAPE_KINDS,
+    SIZES,
+    generate_dataset,
+    object_classes,
+    target_classes,
+)
+from lisa_demo.train.__main__ import main as train_main
+from lisa_demo.train.warmup import patch_labels
+
+BASE = ["--preset", "tiny-random", "--batch-size", "2", "--seg-rate-samples", "0"]
+
+
+def square(x0: int, y0: int, x1: int, y1: int, **look) -> dict:
+    return {"outline": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1]]], **look}
+
+
+def test_patch_labels_take_the_object_covering_most_of_each_cell_if_a_quarter():
+    """40x40 image, 2x2 grid of 20 px cells. A fills the top-left cell; B covers 6 of the 20
+    columns of the bottom-right cell (30%); C covers 4 columns of the top-right cell (20%,
+    below MIN_COVER); the bottom-left cell is empty."""
+    a = square(0, 0, 19, 19, kind="star", colour="red", size="small")
+    b = square(34, 20, 39, 39, kind="circle", colour="blue", size="large")
+    c = square(36, 0, 39, 19, kind="cross", colour="green", size="medium")
+    labels = patch_labels([a, b, c], 40, 40, grid=2)
+    none = [len(SHAPE_KINDS), len(COLOURS), len(SIZES)]
+    star, red, small = SHAPE_KINDS.index("star"), list(COLOURS).index("red"), 0
+    circle, blue, large = SHAPE_KINDS.index("circle"), list(COLOURS).index("blue"), 2
+    assert labels[:, 0].tolist() == [star, red, small]
+    assert labels[:, 1].tolist() == none  # C: 20% < 25%
+    assert labels[:, 2].tolist() == none
+    assert labels[:, 3].tolist() == [circle, blue, large]
+
+
+def test_object_and_target_classes_index_kind_colour_size_and_region():
+    obj = {"kind": "heart", "colour": "blue", "size": "medium", "centre": [90.0, 10.0]}
+    # width 100, height 60: x 90 is in the right third, y 10 in the top third
+    assert object_classes(obj, 100, 60) == (
+        SHAPE_KINDS.index("heart"),
+        list(COLOURS).index("blue"),
+        1,
+        REGIONS.index("at the top right"),
+    )
+    scene = {
+        "imageWidth": 100,
+        "imageHeight": 60,
+        "objects": [{**obj, "target": False}, {**obj, "centre": [50, 30], "target": True}],
+    }
+    assert target_classes(scene)[3] == REGIONS.index("in the middle")
+    assert target_classes({"imageWidth": 1, "imageHeight": 1, "objects": []}) is None
+    assert target_classes({"shapes": []}) is None  # plain ReasonSeg annotation
+
+
+def test_target_loss_is_four_cross_entropies_plus_the_pull_to_the_description(tiny_loaded):
+    """With a zero head every class is equally likely: CE = sum of log(class count). The pull
+    is the MSE between the given prompts and the description prompts (kind + colour + size +
+    region rows of the tables); rows marked -1 do not count."""
+    from lisa_demo.config import LossWeights
+    from lisa_demo.model import LisaModel
+
+    base = tiny_loaded.model
+    model = LisaModel(base.llava, base.sam, base.seg_token_id, hidden_size=256,
+                      loss_weights=LossWeights(target=1.0))  # fmt: skip
+    torch.nn.init.zeros_(model.target_head.weight)
+    torch.nn.init.zeros_(model.target_head.bias)
+    states = torch.randn(3, 256)
+    prompts = torch.randn(3, 128)
+    classes = [torch.tensor([[1, 2, 0, 4]]), torch.tensor([[-1, -1, -1, -1]]),
+               torch.tensor([[3, 0, 2, 8]])]  # fmt: skip
+    loss = model.target_loss(states, prompts, classes)
+    tables = [t.weight.detach() for t in model.description_prompts.tables]
+    d0 = tables[0][1] + tables[1][2] + tables[2][0] + tables[3][4]
+    d2 = tables[0][3] + tables[1][0] + tables[2][2] + tables[3][8]
+    mse = (((prompts[0] - d0) ** 2).sum() + ((prompts[2] - d2) ** 2).sum()) / (2 * 128)
+    expected = sum(math.log(n) for n in DESCRIPTION_CLASSES) + mse
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert model.target_loss(states[:1], prompts[:1], classes[1:2]) is None
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scenes")
+    generate_dataset(root, {"train": 6, "val": 2}, seed=5)
+    return root
+
+
+def _params_of(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / "last" / "trainable.safetensors"))
+
+
+def _initial() -> dict[str, torch.Tensor]:
+    from lisa_demo.config import preset
+    from lisa_demo.loading import load_lisa
+
+    model = load_lisa(preset("tiny-random").replace(train_all=True), device="cpu").model
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _changed(saved: dict, initial: dict, prefix: str) -> bool:
+    names = [n for n in saved if n.startswith(prefix)]
+    assert names, prefix
+    return any(not torch.equal(saved[n], initial[n]) for n in names)
+
+
+def test_warmups_train_the_encoders_and_the_target_loss_is_logged(scenes, tmp_path):
+    """--train-all with both warm-ups and --target-weight: each warm-up reports and changes
+    its encoder, the LISA loop logs the target loss, and the exported model carries the
+    warmed-up encoders but no training-only head."""
+    from lisa_demo.config import preset
+    from lisa_demo.loading import load_lisa
+
+    out = tmp_path / "run"
+    code = train_main(
+        ["--dataset", str(scenes), "--output-dir", str(out), *BASE, "--train-all",
+         "--vision-warmup-minutes", "0.05", "--sam-warmup-minutes", "0.05",
+         "--target-weight", "1", "--max-steps", "2", "--eval-every", "2",
+         "--learning-rate", "1e-3", "--export-model"]
+    )  # fmt: skip
+    assert code == 0
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    done = {e["stage"]: e for e in events if e["event"] == "warmup_done"}
+    assert set(done) == {"vision", "sam"} and all(d["steps"] >= 1 for d in done.values())
+    logs = [e for e in events if e["event"] == "log"]
+    assert logs and all(e["target_loss"] is not None and e["target_loss"] > 0 for e in logs)
+    saved, initial = _params_of(out), _initial()
+    assert _changed(saved, initial, "sam.vision_encoder.")
+    assert _changed(saved, initial, "llava.model.vision_tower.")
+    assert any(n.startswith("description_prompts.") for n in saved)
+    exported = load_lisa(preset("tiny-random").replace(
+        llava=str(out / "model" / "llava"), sam=str(out / "model" / "sam"),
+        heads=str(out / "model"), build_tiny=False), device="cpu")  # fmt: skip
+    assert exported.model.target_head is None and exported.model.description_prompts is None
+    tower = dict(exported.model.named_parameters())
+    name = next(n for n in saved if n.startswith("sam.vision_encoder."))
+    assert torch.equal(tower[name].detach(), saved[name].to(tower[name].dtype))
+
+
+def test_frozen_encoders_stay_as_they_were_while_the_rest_trains(scenes, tmp_path):
+    out = tmp_path / "run"
+    code = train_main(
+        ["--dataset", str(scenes), "--output-dir", str(out), *BASE, "--train-all",
+         "--freeze-encoders", "--max-steps", "3", "--eval-every", "3", "--learning-rate", "1e-3"]
+    )  # fmt: skip
+    assert code == 0
+    saved, initial = _params_of(out), _initial()
+    for prefix in ("sam.vision_encoder.", "llava.model.vision_tower.",
+                   "llava.model.multi_modal_projector."):  # fmt: skip
+        assert not _changed(saved, initial, prefix), prefix
+    assert _changed(saved, initial, "llava.model.language_model.")
+    assert _changed(saved, initial, "sam.mask_decoder.")
+
+
+def test_warmups_need_train_all(scenes, tmp_path, capsys):
+    code = train_main(["--dataset", str(scenes), "--output-dir", str(tmp_path / "r"), *BASE,
+                       "--sam-warmup-minutes", "1"])  # fmt: skip
+    assert code != 0
+    assert "--train-all" in capsys.readouterr().err
