@@ -9,12 +9,15 @@ export HF_HUB_OFFLINE=1
 STEP=${STEP:-all}
 
 if [ "$STEP" = all ]; then
-  # 1. Pretraining from scratch on synthetic scenes without hearts (the held-out concept).
+  # 1. Pretraining from scratch on synthetic scenes without hearts (the held-out concept):
+  #    4 min CLIP patch labelling, 12 min SAM click + description prompts, then the LISA loop
+  #    with both encoders frozen and the target loss; 57 minutes in all.
   python -m lisa_demo.train --preset tiny-random --train-all \
     --synthetic 4000 --synthetic-seed 1 --exclude-concept heart --synthetic-explanations \
-    --queries random --batch-size 8 --learning-rate 1e-3 --warmup-steps 200 \
-    --lr-scheduler cosine --max-steps 6500 --max-minutes 55 --eval-every 800 \
-    --max-val-samples 100 --dice-weight 1.0 --iou-weight 1.0 --log-every 40 \
+    --queries random --vision-warmup-minutes 4 --sam-warmup-minutes 12 --freeze-encoders \
+    --target-weight 1.0 --batch-size 8 --learning-rate 1e-3 --warmup-steps 200 \
+    --lr-scheduler cosine --max-steps 7500 --max-minutes 57 --eval-every 1000 \
+    --max-val-samples 100 --dice-weight 1.0 --iou-weight 1.0 --log-every 50 \
     --seg-rate-samples 8 --export-model --seed 7 --output-dir runs/pretrain
   # 2. Bundle the best checkpoint (float16 safetensors).
   python -m lisa_demo.bundle --model runs/pretrain/model --run runs/pretrain --out assets/tiny-lisa
