@@ -41,7 +41,9 @@ def bundle(model_dir: Path, out: Path, run_dir: Path | None = None) -> Path:
         save_file({k: v.half() for k, v in projection.items()}, str(tmp / PROJECTION_FILE))
         manifest = {"format": "lisa-studio-bundle", "version": 1, "stored_dtype": "float16"}
         if run_dir is not None:
-            start = json.loads((run_dir / "events.jsonl").read_text().splitlines()[0])
+            lines = (run_dir / "events.jsonl").read_text().splitlines()
+            events = (json.loads(line) for line in lines if line.strip())
+            start = next((e for e in events if e.get("event") == "start"), {})
             manifest["training_config"] = start.get("config")
             manifest["training_dataset"] = start.get("dataset")
             manifest["trainable_params"] = start.get("trainable_params")

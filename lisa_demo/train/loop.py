@@ -80,8 +80,12 @@ class StopRequest:
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
         self.requested = True
 
+    def local(self) -> bool:
+        """This process was asked to stop, or its time budget is spent."""
+        return self.requested or (self.deadline is not None and time.monotonic() > self.deadline)
+
     def should_stop(self, accelerator) -> bool:
-        local = self.requested or (self.deadline is not None and time.monotonic() > self.deadline)
+        local = self.local()
         flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
         if accelerator.num_processes > 1:
             flag = accelerator.reduce(flag, reduction="sum")
@@ -207,10 +211,9 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
     val_samples = val_samples[: cfg.max_val_samples or None]
     loaded = load_lisa(cfg.model, checkpoint=resume, device=device, for_training=True)
     model = loaded.model
-    if resume is None and (cfg.vision_warmup_minutes or cfg.sam_warmup_minutes):
-        if world > 1:
-            raise ConfigError("the encoder warm-ups run in one process: drop accelerate launch")
-        _warm_up(cfg, loaded, [train_set[i] for i in range(n_train)], events, stop)
+    warm_up = resume is None and bool(cfg.vision_warmup_minutes or cfg.sam_warmup_minutes)
+    if warm_up and world > 1:
+        raise ConfigError("the encoder warm-ups run in one process: drop accelerate launch")
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.freeze_encoders:
         # The encoders keep requires_grad (checkpoints of a --train-all run hold every
@@ -266,6 +269,8 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         total_steps=total_steps, world_size=world, device=str(device),
         resumed_from=str(resume) if resume else None, start_step=progress.step,
     )  # fmt: skip
+    if warm_up:  # pretraining only: the encoders' own stages, before the LISA loop
+        _warm_up(cfg, core, batcher, [train_set[i] for i in range(n_train)], events, stop)
 
     def evaluate_now() -> dict:
         acc, _ = evaluate_samples(core, batcher, val_samples, cfg.batch_size, device, cache,
@@ -411,24 +416,20 @@ def _encoder_parameters(model) -> list[torch.nn.Parameter]:
     return [p for part in parts for p in part.parameters()]
 
 
-def _warm_up(cfg: TrainConfig, loaded: LoadedLisa, samples, events: EventLog, stop) -> None:
-    """The pretraining-only encoder stages (lisa_demo.train.warmup), before the LISA loop."""
+def _warm_up(cfg: TrainConfig, model, batcher: SampleBatcher, samples, events: EventLog,
+             stop: StopRequest) -> None:  # fmt: skip
+    """The pretraining-only encoder stages (lisa_demo.train.warmup), before the LISA loop.
+    They share the loop's batcher, so each image is decoded and preprocessed once."""
     from lisa_demo.train import warmup
-
-    model = loaded.model
-    batcher = SampleBatcher(loaded.processor, loaded.sam_processor, seed=cfg.seed)
-
-    def should_stop() -> bool:
-        return stop.requested or (stop.deadline is not None and time.monotonic() > stop.deadline)
 
     model.train()
     if cfg.vision_warmup_minutes:
         warmup.warm_up_vision(model, batcher, samples, cfg.vision_warmup_minutes,
-                              seed=cfg.seed, emit=events.emit, should_stop=should_stop)  # fmt: skip
+                              seed=cfg.seed, emit=events.emit, should_stop=stop.local)  # fmt: skip
     if cfg.sam_warmup_minutes:
         warmup.warm_up_sam(model, batcher, samples, cfg.sam_warmup_minutes, seed=cfg.seed,
                            bce_weight=cfg.model.losses.bce, dice_weight=cfg.model.losses.dice,
-                           emit=events.emit, should_stop=should_stop)  # fmt: skip
+                           emit=events.emit, should_stop=stop.local)  # fmt: skip
 
 
 def _vision_trains(model) -> bool:

@@ -60,14 +60,13 @@ def patch_labels(objects: Sequence[dict], height: int, width: int, grid: int) ->
     labels = torch.tensor([len(v) for v in VOCABULARIES]).repeat(grid * grid, 1).T.clone()
     if not objects:
         return labels
-    cover = []
-    for obj in objects:
-        painted = np.zeros((height, width), np.uint8)
-        for polygon in obj["outline"]:
-            cv2.fillPoly(painted, [np.asarray(polygon, np.int32)], 1)
-        cover.append(
-            cv2.resize(painted.astype(np.float32), (grid, grid), interpolation=cv2.INTER_AREA)
+    cover = [
+        cv2.resize(
+            outline_mask(obj, height, width).astype(np.float32), (grid, grid),
+            interpolation=cv2.INTER_AREA,
         )
+        for obj in objects
+    ]  # fmt: skip
     shares = np.stack(cover).reshape(len(objects), -1)
     best = shares.argmax(0)
     for cell in np.flatnonzero(shares.max(0) >= MIN_COVER):
@@ -77,6 +76,14 @@ def patch_labels(objects: Sequence[dict], height: int, width: int, grid: int) ->
             if value in vocab:
                 labels[row, cell] = vocab.index(value)
     return labels
+
+
+def outline_mask(obj: dict, height: int, width: int) -> np.ndarray:
+    """HxW uint8, 1 inside an annotation object's visible outline polygons."""
+    mask = np.zeros((height, width), np.uint8)
+    for polygon in obj["outline"]:
+        cv2.fillPoly(mask, [np.asarray(polygon, np.int32)], 1)
+    return mask
 
 
 def scene_objects(sample: Sample) -> list[dict]:
@@ -116,13 +123,14 @@ def _run_stage(
     """A wall-clock-budgeted AdamW loop (linear warm-up, cosine decay over the budget)."""
     optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(f"warmup/{name}/{seed}")
+    samples = list(samples)
     budget = minutes * 60.0
     start = time.monotonic()
     step, recent_loss, recent_metric = 0, [], []
     while (elapsed := time.monotonic() - start) < budget and not should_stop():
         for group in optimizer.param_groups:
             group["lr"] = _cosine(learning_rate, elapsed, budget, step, warmup=100)
-        loss, metric = loss_fn(rng.sample(list(samples), min(batch_size, len(samples))))
+        loss, metric = loss_fn(rng.sample(samples, min(batch_size, len(samples))))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -196,9 +204,7 @@ def object_masks(sample: Sample) -> list[tuple[tuple[int, int, int, int], np.nda
     for obj, triple in zip(objects, triples, strict=True):
         if triples.count(triple) != 1:
             continue
-        mask = np.zeros((record.height, record.width), np.uint8)
-        for polygon in obj["outline"]:
-            cv2.fillPoly(mask, [np.asarray(polygon, np.int32)], 1)
+        mask = outline_mask(obj, record.height, record.width)
         try:
             classes = object_classes(obj, record.width, record.height)
         except ValueError:

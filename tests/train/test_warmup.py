@@ -134,6 +134,7 @@ def test_warmups_train_the_encoders_and_the_target_loss_is_logged(scenes, tmp_pa
     )  # fmt: skip
     assert code == 0
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "start"  # readers (bundle, app) take the run's config there
     done = {e["stage"]: e for e in events if e["event"] == "warmup_done"}
     assert set(done) == {"vision", "sam"} and all(d["steps"] >= 1 for d in done.values())
     logs = [e for e in events if e["event"] == "log"]
