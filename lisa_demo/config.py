@@ -58,9 +58,14 @@ class LossWeights:
     # training-only head, cross-entropy), and its prompt is pulled (MSE) towards the
     # description prompt that SAM learned to segment in the SAM warm-up.
     target: float = 0.0
+    # Not in LISA, for training from scratch: one attention head of the language model's last
+    # layer, at each mask query position, is taught to attend to its target's image patches
+    # (cross-entropy against the share of each patch the target covers). No extra weights.
+    pointing: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("ce", "bce", "dice", "iou", "seg_words", "point", "prompt", "target"):
+        names = ("ce", "bce", "dice", "iou", "seg_words", "point", "prompt", "target", "pointing")
+        for name in names:
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss weight {name} must be >= 0, got {getattr(self, name)}")
 

@@ -93,6 +93,7 @@ class LisaOutput(ModelOutput):
     point_loss: torch.Tensor | None = None
     prompt_loss: torch.Tensor | None = None
     target_loss: torch.Tensor | None = None
+    pointing_loss: torch.Tensor | None = None
     mask_logits: list[torch.Tensor] | None = None  # each [n_i, H_i, W_i]
     scores: list[torch.Tensor] | None = None  # each [n_i], SAM's predicted IoU
     mask_count: int | None = None
@@ -294,6 +295,9 @@ class LisaModel(nn.Module):
         scored = None if labels is None else answer_positions(labels)
         if image_features is None and pixel_values is None:
             raise ValueError("pass pixel_values or image_features")
+        pointing = self.loss_weights.pointing > 0 and self.training and gt_masks is not None
+        captured: dict = {}
+        hook = self._capture_last_attention_inputs(captured) if pointing else None
         if image_features is not None:
             features = BaseModelOutputWithPooling(
                 pooler_output=list(image_features.to(llava_dtype).unbind(0))
@@ -309,6 +313,8 @@ class LisaModel(nn.Module):
             return_dict=True,
             logits_to_keep=scored if scored is not None else 1,
         )
+        if hook is not None:
+            hook.remove()
         ce_loss = None
         if labels is not None:
             targets = labels[:, 1:][scored[:, :-1]]
@@ -337,6 +343,9 @@ class LisaModel(nn.Module):
         if target_classes is not None and self.target_head is not None and self.training:
             result.target_loss = self.target_loss(seg_states, torch.cat(list(prompts)),
                                                   target_classes)  # fmt: skip
+        if pointing and captured:
+            result.pointing_loss = self.pointing_loss(captured, input_ids, attention_mask,
+                                                      gt_masks)  # fmt: skip
         if gt_masks is not None:
             self._add_losses(result, gt_masks)
             if click_points is not None and self.training:
@@ -395,6 +404,76 @@ class LisaModel(nn.Module):
         described = self.description_prompts(classes).detach()
         return loss + F.mse_loss(prompts[known].float(), described.float())
 
+    def _last_attention(self) -> nn.Module:
+        return self.base_llava.model.language_model.layers[-1].self_attn
+
+    def _capture_last_attention_inputs(self, captured: dict):
+        """Hook that stores the last LM layer's attention inputs (normed hidden states and
+        rotary cos/sin) in `captured`; returns the handle to remove."""
+
+        def hook(module, args, kwargs):  # noqa: ARG001
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            captured["hidden"] = hidden
+            captured["rotary"] = kwargs.get("position_embeddings")
+
+        return self._last_attention().register_forward_pre_hook(hook, with_kwargs=True)
+
+    def pointing_loss(
+        self,
+        captured: dict,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        gt_masks: Sequence[torch.Tensor],
+    ) -> torch.Tensor | None:
+        """Cross-entropy between the attention of head 0 of the LM's last layer at each mask
+        query position (over every key it may see) and its target's share of each image patch.
+
+        The attention is recomputed from the layer's own inputs and weights (q_proj, k_proj,
+        rotary embedding), so gradients reach the real attention. The target distribution
+        over the N image tokens is the target mask area-pooled to the sqrt(N) x sqrt(N) grid
+        of CLIP patches (the whole image, row-major, as LLaVA lays them out), normalised to
+        sum 1. Rows whose target is empty are skipped; None when no row is left.
+        """
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        attention = self._last_attention()
+        hidden, rotary = captured["hidden"], captured["rotary"]
+        query = seg_query_mask(input_ids, self.seg_token_id)
+        rows, positions = query.nonzero(as_tuple=True)
+        if rows.numel() == 0 or rotary is None:
+            return None
+        image_id = self.base_llava.config.image_token_id
+        is_image = input_ids == image_id
+        n_image = int(is_image[0].sum())
+        grid = int(round(n_image**0.5))
+        if grid * grid != n_image or not bool((is_image.sum(1) == n_image).all()):
+            return None
+        head = attention.head_dim
+        cos, sin = (r.expand(input_ids.shape[0], -1, -1) for r in rotary)  # [1 or B, L, d]
+        q = attention.q_proj(hidden[rows, positions])[:, :head]  # head 0
+        q = q * cos[rows, positions] + rotate_half(q) * sin[rows, positions]
+        k = attention.k_proj(hidden)[..., :head]  # key head 0 serves query head 0
+        k = k * cos + rotate_half(k) * sin
+        logits = torch.einsum("nd,nld->nl", q.float(), k[rows].float()) * attention.scaling
+        keys = torch.arange(input_ids.shape[1], device=input_ids.device)
+        visible = (keys[None, :] <= positions[:, None]) & attention_mask[rows].bool()
+        log_attention = F.log_softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+        image_positions = is_image.nonzero(as_tuple=True)[1].view(-1, n_image)[rows]
+        log_image = log_attention.gather(1, image_positions)  # [n, N]
+        cover = torch.cat([
+            F.interpolate(m.to(log_image.device, torch.float32)[:, None], size=(grid, grid),
+                          mode="area").flatten(1)
+            for m in gt_masks if m.shape[0]
+        ])  # fmt: skip
+        if cover.shape[0] != rows.numel():
+            raise ValueError(f"{rows.numel()} [SEG] tokens but {cover.shape[0]} targets")
+        total = cover.sum(1)
+        keep = total > 0
+        if not keep.any():
+            return None
+        share = cover[keep] / total[keep, None]
+        return -(share * log_image[keep]).sum(1).mean()
+
     def seg_word_loss(
         self, seg_states: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor | None:
@@ -450,4 +529,6 @@ class LisaModel(nn.Module):
             loss = loss + w.seg_words * result.seg_word_loss
         if w.target and result.target_loss is not None:
             loss = loss + w.target * result.target_loss
+        if w.pointing and result.pointing_loss is not None:
+            loss = loss + w.pointing * result.pointing_loss
         result.loss = loss + w.ce * ce if ce is not None else loss

@@ -250,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
         "predicts its target's kind, colour, size and region (a training-only head), and its "
         "prompt is pulled towards the description prompt SAM learned in the SAM warm-up",
     )
+    _add(
+        p,
+        "pointing-weight",
+        type=float,
+        default=0.0,
+        help="not in LISA, for training from scratch: the first attention head of the language "
+        "model's last layer, at each [SEG] query, learns to attend to its target's image patches",
+    )
     _add(p, "embedding-cache-dir", type=Path, default=None)
     _add(p, "no-embedding-cache", action="store_true")
     _add(p, "export-model", action="store_true", help="full training: write OUT/model")
@@ -307,7 +315,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         changes["use_lora"] = True  # fine-tuning default: LoRA on the language model
     changes["losses"] = LossWeights(
         args.ce_weight, args.bce_weight, args.dice_weight, args.iou_weight, args.seg_word_weight,
-        args.point_weight, args.prompt_weight, args.target_weight,
+        args.point_weight, args.prompt_weight, args.target_weight, args.pointing_weight,
     )  # fmt: skip
     return cfg.replace(**changes)
 

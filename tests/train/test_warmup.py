@@ -91,6 +91,64 @@ def test_target_loss_is_four_cross_entropies_plus_the_pull_to_the_description(ti
     assert model.target_loss(states[:1], prompts[:1], classes[1:2]) is None
 
 
+def test_pointing_loss_is_the_cross_entropy_of_the_real_last_layer_attention(
+    tiny_loaded, make_inputs
+):
+    """Head 0 of the last layer, at each [SEG] query position, against the target's share of
+    each CLIP patch. The reference is the attention transformers itself returns (eager), on
+    a batch of two answers of different lengths (right padding). The 48x64 image splits into
+    an 8x8 grid of 6x8 px cells: mask A fills cells (0,0), (0,1), (1,0), (1,1) (a quarter
+    each); mask B fills cell (0,0) and half of (0,1) (shares 2/3 and 1/3)."""
+    from tests.conftest import draw_scene
+
+    from lisa_demo.config import LossWeights
+    from lisa_demo.inputs import collate_text
+    from lisa_demo.model import LisaModel, seg_query_mask
+
+    base = tiny_loaded.model
+    model = LisaModel(base.llava, base.sam, base.seg_token_id, hidden_size=256,
+                      loss_weights=LossWeights(pointing=1.0))  # fmt: skip
+    image = draw_scene()
+    one = make_inputs(tiny_loaded, image, "Where is the red square?", "[SEG].")
+    two = make_inputs(tiny_loaded, image, "Where is the blue disc?", "Sure, it is [SEG].")
+    ids = [one["input_ids"][0].tolist(), two["input_ids"][0].tolist()]
+    labels = [one["labels"][0].tolist(), two["labels"][0].tolist()]
+    batch = collate_text(ids, labels, tiny_loaded.tokenizer.pad_token_id)
+    mask_a = torch.zeros(1, 48, 64)
+    mask_a[:, 0:12, 0:16] = 1
+    mask_b = torch.zeros(1, 48, 64)
+    mask_b[:, 0:6, 0:12] = 1
+    inputs = {**batch, "pixel_values": torch.cat([one["pixel_values"], two["pixel_values"]]),
+              "sam_pixel_values": torch.cat([one["sam_pixel_values"], two["sam_pixel_values"]]),
+              "input_sizes": one["input_sizes"] * 2, "original_sizes": one["original_sizes"] * 2,
+              "gt_masks": [mask_a, mask_b]}  # fmt: skip
+    llava = base.llava
+    was_training = llava.training
+    model.train()
+    try:
+        with torch.no_grad():
+            loss = model(**inputs).pointing_loss
+            model.eval()
+            assert model(**inputs).pointing_loss is None  # training only
+            llava.set_attn_implementation("eager")
+            attentions = llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               pixel_values=inputs["pixel_values"], output_attentions=True,
+                               return_dict=True).attentions[-1]  # fmt: skip
+    finally:
+        llava.set_attn_implementation("sdpa")
+        llava.train(was_training)
+    image_id = llava.config.image_token_id
+    query = seg_query_mask(batch["input_ids"], base.seg_token_id)
+    shares = [{0: 0.25, 1: 0.25, 8: 0.25, 9: 0.25}, {0: 2 / 3, 1: 1 / 3}]
+    terms = []
+    for row, share in enumerate(shares):
+        t = int(query[row].nonzero()[0])
+        images = (batch["input_ids"][row] == image_id).nonzero().flatten()
+        attention = attentions[row, 0, t, images]
+        terms.append(-sum(w * math.log(float(attention[cell])) for cell, w in share.items()))
+    assert loss.item() == pytest.approx(sum(terms) / 2, rel=1e-4)
+
+
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("scenes")
