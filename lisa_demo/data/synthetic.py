@@ -825,16 +825,23 @@ def generate_dataset(
     seed: int,
     exclude_concept: str | None = None,
     focus_concept: str | None = None,
+    families: Sequence[str] | None = None,
 ) -> dict[str, int]:
     """Write OUT/SPLIT/SPLIT_NNNNN.jpg + .json for each split (ReasonSeg layout).
 
     Each split draws from its own seed derived from (seed, split name), so the same call writes
-    byte-identical files. Split folders must be empty or absent.
+    byte-identical files. Split folders must be empty or absent. `families` limits the query
+    families (each scene draws one of them); None allows every family.
 
     Returns:
         split -> number of scenes written.
     """
     _vocabulary(exclude_concept, focus_concept)  # fail before writing anything
+    allowed = scene_families(focus_concept)
+    if families is not None:
+        unknown = [f for f in families if f not in allowed]
+        if unknown or not families:
+            raise ValueError(f"families must be some of {', '.join(allowed)}, got {families}")
     out = Path(out)
     _check_splits(out, splits)
     for split, count in splits.items():
@@ -846,7 +853,8 @@ def generate_dataset(
         explained = []
         for index in range(count):
             scene_rng = random.Random(split_rng.getrandbits(64))
-            image, annotation = generate_scene(scene_rng, exclude_concept, focus_concept)
+            family = scene_rng.choice(tuple(families)) if families else None
+            image, annotation = generate_scene(scene_rng, exclude_concept, focus_concept, family)
             name = f"{split}_{index:05d}"
             _write_pair(folder, name, image, annotation)
             explained += explanations_for(f"{name}.jpg", annotation)
@@ -925,6 +933,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="same seed -> identical files")
     parser.add_argument("--exclude-concept", metavar="WORD", help="kind or colour never shown")
     parser.add_argument("--focus-concept", metavar="WORD", help="kind or colour of every target")
+    parser.add_argument(
+        "--families", nargs="+", metavar="FAMILY", choices=FAMILIES,
+        help=f"only these query families (default: all of {', '.join(FAMILIES)})",
+    )  # fmt: skip
     return parser
 
 
@@ -934,7 +946,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits = {"train": args.train, "val": args.val, "test": args.test}
     try:
         counts = generate_dataset(
-            args.out, splits, args.seed, args.exclude_concept, args.focus_concept
+            args.out, splits, args.seed, args.exclude_concept, args.focus_concept, args.families
         )
     except (ValueError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -942,7 +954,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = ", ".join(f"{n} {split}" for split, n in counts.items())
     options = "".join(
         f", {name} {value}"
-        for name, value in (("without", args.exclude_concept), ("focus", args.focus_concept))
+        for name, value in (
+            ("without", args.exclude_concept), ("focus", args.focus_concept),
+            ("families", " ".join(args.families or ())),
+        )  # fmt: skip
         if value
     )
     print(f"wrote {written} scenes to {args.out} (seed {args.seed}{options})")

@@ -219,6 +219,22 @@ def test_cli_writes_splits_and_refuses_a_non_empty_folder(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def test_families_limit_the_query_families_and_are_validated(tmp_path, capsys):
+    generate_dataset(tmp_path / "a", {"val": 12}, seed=4, focus_concept="heart",
+                     families=["attribute", "uniqueness"])  # fmt: skip
+    seen = {json.loads(p.read_text())["family"] for p in (tmp_path / "a" / "val").glob("*.json")}
+    assert seen == {"attribute", "uniqueness"}
+    # A focus kind has no function queries (they never name it): asking for them is refused.
+    with pytest.raises(ValueError, match="families must be some of"):
+        generate_dataset(tmp_path / "b", {"val": 1}, seed=0, focus_concept="heart",
+                         families=["function"])  # fmt: skip
+    argv = ["--out", str(tmp_path / "c"), "--train", "0", "--val", "2", "--families", "spatial"]
+    assert main(argv) == 0
+    assert "families spatial" in capsys.readouterr().out
+    assert {json.loads(p.read_text())["family"] for p in (tmp_path / "c" / "val").glob("*.json")} \
+        == {"spatial"}  # fmt: skip
+
+
 def test_where_names_the_ninth_of_the_image():
     from lisa_demo.data.synthetic import where
 
