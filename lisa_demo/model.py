@@ -434,6 +434,26 @@ class LisaModel(nn.Module):
         of CLIP patches (the whole image, row-major, as LLaVA lays them out), normalised to
         sum 1. Rows whose target is empty are skipped; None when no row is left.
         """
+        found = self.pointing_attention(captured, input_ids, attention_mask, gt_masks)
+        if found is None:
+            return None
+        log_image, cover = found
+        total = cover.sum(1)
+        keep = total > 0
+        if not keep.any():
+            return None
+        share = cover[keep] / total[keep, None]
+        return -(share * log_image[keep]).sum(1).mean()
+
+    def pointing_attention(
+        self,
+        captured: dict,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        gt_masks: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """([n, N] log attention of head 0 at each mask query on the N image tokens,
+        [n, N] each target's covered share of each patch); None without queries."""
         from transformers.models.llama.modeling_llama import rotate_half
 
         attention = self._last_attention()
@@ -467,12 +487,7 @@ class LisaModel(nn.Module):
         ])  # fmt: skip
         if cover.shape[0] != rows.numel():
             raise ValueError(f"{rows.numel()} [SEG] tokens but {cover.shape[0]} targets")
-        total = cover.sum(1)
-        keep = total > 0
-        if not keep.any():
-            return None
-        share = cover[keep] / total[keep, None]
-        return -(share * log_image[keep]).sum(1).mean()
+        return log_image, cover
 
     def seg_word_loss(
         self, seg_states: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor

@@ -7,8 +7,8 @@ annotations list every object ("objects": kind, colour, size, visible outline):
 
 - **vision**: CLIP's patch states at the layer LLaVA reads (-2) predict, through a temporary
   linear head, the kind, colour and size of the object covering most of each patch ("none"
-  where no object covers a quarter of it). Afterwards the language model sees patches that
-  already say what is where.
+  where no object covers a quarter of it), and the patch's own row and column. Afterwards
+  the language model sees patches that already say what is where.
 - **sam**: SAM segments one object per image from a click inside it (its own prompt
   encoding of a positive point, the form `LisaModel.click_prompts` gives) and, with
   `--target-weight`, also from a learned *description prompt* of it (kind + colour + size +
@@ -164,7 +164,13 @@ def warm_up_vision(
     layer = model.base_llava.config.vision_feature_layer
     n_patches = (tower.config.image_size // tower.config.patch_size) ** 2
     grid = int(round(math.sqrt(n_patches)))
-    sizes = [len(v) + 1 for v in VOCABULARIES]
+    # kind, colour, size (+ "none") of the covering object, then the patch's own row and
+    # column: without them the states keep no trace of where a patch is (a linear probe on
+    # them found rows and columns no better than chance), and the language model then cannot
+    # tell where its target is.
+    sizes = [len(v) + 1 for v in VOCABULARIES] + [grid, grid]
+    cells = torch.arange(grid * grid)
+    where = torch.stack([cells // grid, cells % grid])  # [2, N] row, column
     head = torch.nn.Linear(tower.config.hidden_size, sum(sizes))
     labels_of: dict[str, torch.Tensor] = {}
 
@@ -177,7 +183,7 @@ def warm_up_vision(
 
     def loss_fn(batch_samples: list[Sample]) -> tuple[torch.Tensor, float]:
         pixels = torch.stack([batcher.images.get(s).encoded.pixel_values for s in batch_samples])
-        target = torch.stack([labels(s) for s in batch_samples])  # [B, 3, N]
+        target = torch.stack([torch.cat([labels(s), where]) for s in batch_samples])  # [B, 5, N]
         states = tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
         logits = head(states).split(sizes, dim=-1)
         loss = sum(
