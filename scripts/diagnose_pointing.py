@@ -83,10 +83,10 @@ def main() -> None:
         scored = batch["labels"][:, 1:] != -100
         keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
         keep[:, :-1] = scored
+        image = BaseModelOutputWithPooling(pooler_output=list(f.unbind(0)))
         out = llava(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(f.unbind(0)))},
-            return_dict=True, logits_to_keep=keep,
+            mm_encoder_outputs={"image": image}, return_dict=True, logits_to_keep=keep,
         )  # fmt: skip
         hook.remove()
         found = model.pointing_attention(captured, batch["input_ids"], batch["attention_mask"],
@@ -117,7 +117,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
-        recent.append((float(point), float(hit.float().mean())))
+        recent.append((float(point.detach()), float(hit.float().mean())))
         if step % 100 == 0:
             p = sum(r[0] for r in recent) / len(recent)
             h = sum(r[1] for r in recent) / len(recent)

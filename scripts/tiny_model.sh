@@ -10,12 +10,13 @@ STEP=${STEP:-all}
 
 if [ "$STEP" = all ]; then
   # 1. Pretraining from scratch on synthetic scenes without hearts (the held-out concept):
-  #    4 min CLIP patch labelling, 12 min SAM click + description prompts, then the LISA loop
-  #    with both encoders frozen and the target loss; 57 minutes in all.
+  #    5 min CLIP patch labelling (kind, colour, size, row, column), 11 min SAM click +
+  #    description prompts, then the LISA loop with both encoders frozen, the target loss and
+  #    the pointing loss; 57 minutes in all.
   python -m lisa_demo.train --preset tiny-random --train-all \
     --synthetic 4000 --synthetic-seed 1 --exclude-concept heart --synthetic-explanations \
-    --queries random --vision-warmup-minutes 4 --sam-warmup-minutes 12 --freeze-encoders \
-    --target-weight 1.0 --batch-size 8 --learning-rate 1e-3 --warmup-steps 200 \
+    --queries random --vision-warmup-minutes 5 --sam-warmup-minutes 11 --freeze-encoders \
+    --target-weight 1.0 --pointing-weight 2.0 --batch-size 8 --learning-rate 1e-3 --warmup-steps 200 \
     --lr-scheduler cosine --max-steps 7500 --max-minutes 57 --eval-every 1000 \
     --max-val-samples 100 --dice-weight 1.0 --iou-weight 1.0 --log-every 50 \
     --seg-rate-samples 8 --export-model --seed 7 --output-dir runs/pretrain
@@ -28,12 +29,17 @@ fi
   --val 250 --seed 9001 --exclude-concept heart
 [ -d runs/heart-eval ] || python -m lisa_demo.data.synthetic --out runs/heart-eval --train 0 \
   --val 100 --seed 4242 --focus-concept heart
+# The heart queries that cannot be answered without knowing the word (a spatial query's target
+# is the shape next to a named reference, whatever its kind).
+[ -d runs/heart-word-eval ] || python -m lisa_demo.data.synthetic --out runs/heart-word-eval \
+  --train 0 --val 100 --seed 4343 --focus-concept heart --families attribute superlative uniqueness
 
 # 4. LISA protocol (first query per image, teacher-forced "[SEG].") and the [SEG] rate.
 python -m lisa_demo.eval --dataset runs/heldout/val --model-only --preset tiny --seg-rate 250 \
   --per-sample runs/heldout-per-sample.json
 python -m lisa_demo.eval --dataset runs/heart-eval/val --model-only --preset tiny \
   --per-sample runs/heart-before-per-sample.json
+python -m lisa_demo.eval --dataset runs/heart-word-eval/val --model-only --preset tiny
 
 # 5. The Training tab's default run: LoRA fine-tune on scenes whose targets are hearts.
 rm -rf runs/heart-finetune
@@ -42,3 +48,5 @@ python -m lisa_demo.train --preset tiny --synthetic 200 --synthetic-seed 11 \
   --lr-scheduler cosine --eval-every 50 --max-val-samples 40 --output-dir runs/heart-finetune
 python -m lisa_demo.eval --dataset runs/heart-eval/val --preset tiny \
   --checkpoint runs/heart-finetune/checkpoints/best --per-sample runs/heart-after-per-sample.json
+python -m lisa_demo.eval --dataset runs/heart-word-eval/val --preset tiny \
+  --checkpoint runs/heart-finetune/checkpoints/best

@@ -955,7 +955,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = "".join(
         f", {name} {value}"
         for name, value in (
-            ("without", args.exclude_concept), ("focus", args.focus_concept),
+            ("without", args.exclude_concept),
+            ("focus", args.focus_concept),
             ("families", " ".join(args.families or ())),
         )  # fmt: skip
         if value

@@ -99,11 +99,10 @@ def test_pointing_loss_is_the_cross_entropy_of_the_real_last_layer_attention(
     a batch of two answers of different lengths (right padding). The 48x64 image splits into
     an 8x8 grid of 6x8 px cells: mask A fills cells (0,0), (0,1), (1,0), (1,1) (a quarter
     each); mask B fills cell (0,0) and half of (0,1) (shares 2/3 and 1/3)."""
-    from tests.conftest import draw_scene
-
     from lisa_demo.config import LossWeights
     from lisa_demo.inputs import collate_text
     from lisa_demo.model import LisaModel, seg_query_mask
+    from tests.conftest import draw_scene
 
     base = tiny_loaded.model
     model = LisaModel(base.llava, base.sam, base.seg_token_id, hidden_size=256,
