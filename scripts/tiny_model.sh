@@ -39,7 +39,8 @@ python -m lisa_demo.eval --dataset runs/heldout/val --model-only --preset tiny -
   --per-sample runs/heldout-per-sample.json
 python -m lisa_demo.eval --dataset runs/heart-eval/val --model-only --preset tiny \
   --per-sample runs/heart-before-per-sample.json
-python -m lisa_demo.eval --dataset runs/heart-word-eval/val --model-only --preset tiny
+python -m lisa_demo.eval --dataset runs/heart-word-eval/val --model-only --preset tiny \
+  --per-sample runs/heart-word-before-per-sample.json
 
 # 5. The Training tab's default run: LoRA fine-tune on scenes whose targets are hearts.
 rm -rf runs/heart-finetune
@@ -49,4 +50,4 @@ python -m lisa_demo.train --preset tiny --synthetic 200 --synthetic-seed 11 \
 python -m lisa_demo.eval --dataset runs/heart-eval/val --preset tiny \
   --checkpoint runs/heart-finetune/checkpoints/best --per-sample runs/heart-after-per-sample.json
 python -m lisa_demo.eval --dataset runs/heart-word-eval/val --preset tiny \
-  --checkpoint runs/heart-finetune/checkpoints/best
+  --checkpoint runs/heart-finetune/checkpoints/best --per-sample runs/heart-word-after-per-sample.json
