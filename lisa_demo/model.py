@@ -305,16 +305,18 @@ class LisaModel(nn.Module):
             vision = {"mm_encoder_outputs": {"image": features}}
         else:
             vision = {"pixel_values": pixel_values.to(llava_dtype)}
-        out = self.llava(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            **vision,
-            output_hidden_states=True,
-            return_dict=True,
-            logits_to_keep=scored if scored is not None else 1,
-        )
-        if hook is not None:
-            hook.remove()
+        try:
+            out = self.llava(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                **vision,
+                output_hidden_states=True,
+                return_dict=True,
+                logits_to_keep=scored if scored is not None else 1,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
         ce_loss = None
         if labels is not None:
             targets = labels[:, 1:][scored[:, :-1]]

@@ -176,9 +176,9 @@ def _changed(saved: dict, initial: dict, prefix: str) -> bool:
 
 
 def test_warmups_train_the_encoders_and_the_target_loss_is_logged(scenes, tmp_path):
-    """--train-all with both warm-ups and --target-weight: each warm-up reports and changes
-    its encoder, the LISA loop logs the target loss, and the exported model carries the
-    warmed-up encoders but no training-only head."""
+    """--train-all with both warm-ups, --target-weight and --pointing-weight: each warm-up
+    reports and changes its encoder, the LISA loop logs the target and pointing losses, and
+    the exported model carries the warmed-up encoders but no training-only head."""
     from lisa_demo.config import preset
     from lisa_demo.loading import load_lisa
 
@@ -186,7 +186,7 @@ def test_warmups_train_the_encoders_and_the_target_loss_is_logged(scenes, tmp_pa
     code = train_main(
         ["--dataset", str(scenes), "--output-dir", str(out), *BASE, "--train-all",
          "--vision-warmup-minutes", "0.05", "--sam-warmup-minutes", "0.05",
-         "--target-weight", "1", "--max-steps", "2", "--eval-every", "2",
+         "--target-weight", "1", "--pointing-weight", "1", "--max-steps", "2", "--eval-every", "2",
          "--learning-rate", "1e-3", "--export-model"]
     )  # fmt: skip
     assert code == 0
@@ -196,6 +196,7 @@ def test_warmups_train_the_encoders_and_the_target_loss_is_logged(scenes, tmp_pa
     assert set(done) == {"vision", "sam"} and all(d["steps"] >= 1 for d in done.values())
     logs = [e for e in events if e["event"] == "log"]
     assert logs and all(e["target_loss"] is not None and e["target_loss"] > 0 for e in logs)
+    assert all(e["pointing_loss"] is not None and e["pointing_loss"] > 0 for e in logs)
     saved, initial = _params_of(out), _initial()
     assert _changed(saved, initial, "sam.vision_encoder.")
     assert _changed(saved, initial, "llava.model.vision_tower.")
