@@ -77,6 +77,20 @@ def hard_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
+def pointing_cross_entropy(log_image: torch.Tensor, cover: torch.Tensor) -> torch.Tensor | None:
+    """Mean over rows of -sum(share * log attention), share = cover normalised to sum 1.
+
+    log_image, cover: [n, N] (LisaModel.pointing_attention). Rows with an empty target are
+    skipped; None when none is left.
+    """
+    total = cover.sum(1)
+    keep = total > 0
+    if not keep.any():
+        return None
+    share = cover[keep] / total[keep, None]
+    return -(share * log_image[keep]).sum(1).mean()
+
+
 @dataclass
 class LisaOutput(ModelOutput):
     """One forward pass. Mask lists hold one entry per sample, masks at original size.
@@ -437,15 +451,7 @@ class LisaModel(nn.Module):
         sum 1. Rows whose target is empty are skipped; None when no row is left.
         """
         found = self.pointing_attention(captured, input_ids, attention_mask, gt_masks)
-        if found is None:
-            return None
-        log_image, cover = found
-        total = cover.sum(1)
-        keep = total > 0
-        if not keep.any():
-            return None
-        share = cover[keep] / total[keep, None]
-        return -(share * log_image[keep]).sum(1).mean()
+        return None if found is None else pointing_cross_entropy(*found)
 
     def pointing_attention(
         self,

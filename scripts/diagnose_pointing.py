@@ -30,6 +30,7 @@ from lisa_demo.checkpoint import load_trainable_state
 from lisa_demo.config import LossWeights, preset
 from lisa_demo.data.reasonseg import ReasonSegDataset
 from lisa_demo.loading import load_lisa
+from lisa_demo.model import pointing_cross_entropy
 from lisa_demo.train.data import SampleBatcher, training_targets
 
 
@@ -75,7 +76,8 @@ def main() -> None:
         if missing:
             with torch.no_grad():
                 pv = batch["pixel_values"][missing]
-                vision = tower(pv, output_hidden_states=True).hidden_states[-2][:, 1:]
+                states = tower(pv, output_hidden_states=True).hidden_states
+                vision = states[llava.config.vision_feature_layer][:, 1:]
             for i, f in zip(missing, vision, strict=True):
                 feats[keys[i]] = f
         raw = torch.stack([feats[k] for k in keys])
@@ -99,8 +101,7 @@ def main() -> None:
         found = model.pointing_attention(captured, batch["input_ids"], batch["attention_mask"],
                                          training_targets(batch["masks"]))  # fmt: skip
         log_image, cover = found
-        share = cover / cover.sum(1, keepdim=True).clamp(min=1e-9)
-        point = -(share * log_image).sum(1).mean()
+        point = pointing_cross_entropy(log_image, cover)
         targets = batch["labels"][:, 1:][scored]
         ce = torch.nn.functional.cross_entropy(out.logits.float(), targets)
         hit = cover.gather(1, log_image.argmax(1, keepdim=True))[:, 0] >= 0.5
