@@ -226,12 +226,19 @@ def measure_generation(loaded, repeats: int, new_tokens: int = KV_TOKENS) -> dic
     """Greedy generation of exactly `new_tokens` tokens with and without the KV cache."""
     import torch
 
-    from lisa_demo.inputs import collate_text, encode_image, encode_text, image_token_count
+    from lisa_demo.inputs import (
+        collate_text,
+        encode_image,
+        encode_text,
+        image_token_count,
+        prompt_template,
+    )
 
     llava = loaded.model.base_llava
     tokenizer = loaded.tokenizer
     encoded = encode_image(scene(11), loaded.processor, loaded.sam_processor)
-    ids, _ = encode_text(tokenizer, QUESTIONS[0], None, image_token_count(loaded.processor))
+    n_image, template = image_token_count(loaded.processor), prompt_template(loaded.processor)
+    ids, _ = encode_text(tokenizer, QUESTIONS[0], None, n_image, template)
     batch = collate_text([ids], None, tokenizer.pad_token_id)
     vision_dtype = next(llava.model.vision_tower.parameters()).dtype
     inputs = {name: tensor.to(loaded.device) for name, tensor in batch.items()}

@@ -1,7 +1,11 @@
-"""Turning images, questions and answers into model inputs (the llava-1.5 chat format).
+"""Turning images, questions and answers into model inputs.
 
-The `<image>` placeholder is expanded to one token per vision feature with the processor's
-own count, so `[SEG]` positions line up with `input_ids` exactly as with the real processor.
+The prompt comes from the model's own chat template (the processor's): llava-1.5's puts the
+image before the question ("USER: <image>\n{question} ASSISTANT:"); the bundled tiny model's
+puts the question first, so the image tokens can attend to it. A processor without a template
+gets llava-1.5's format. The `<image>` placeholder is expanded to one token per vision feature
+with the processor's own count, so `[SEG]` positions line up with `input_ids` exactly as with
+the real processor.
 """
 
 from __future__ import annotations
@@ -19,9 +23,37 @@ from lisa_demo.config import IMAGE_TOKEN
 IGNORE_LABEL = -100
 
 
-def chat_prompt(question: str) -> str:
-    """llava-1.5's single-turn prompt; the answer follows after a space."""
-    return f"USER: {IMAGE_TOKEN}\n{question.strip()} ASSISTANT:"
+# The question's place in a prompt template (a marker no question contains).
+QUESTION_MARK = "\x00question\x00"
+# llava-1.5's single-turn prompt; the answer follows after a space.
+LLAVA_PROMPT = f"USER: {IMAGE_TOKEN}\n{QUESTION_MARK} ASSISTANT:"
+
+
+def prompt_template(processor) -> str:
+    """The model's single-turn prompt with `QUESTION_MARK` where the question goes, rendered
+    from the processor's chat template (llava-1.5's format when it has none)."""
+    if not getattr(processor, "chat_template", None):
+        return LLAVA_PROMPT
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION_MARK}]}
+    ]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    if text.count(QUESTION_MARK) != 1 or text.count(IMAGE_TOKEN) != 1:
+        raise ValueError(
+            f"the processor's chat template must place one image and one question, got {text!r}"
+        )
+    return text
+
+
+def image_first(template: str) -> bool:
+    """Whether the image comes before the question (then the image's tokens, and so the
+    prompt's start up to them, do not depend on the question)."""
+    return template.index(IMAGE_TOKEN) < template.index(QUESTION_MARK)
+
+
+def chat_prompt(question: str, template: str = LLAVA_PROMPT) -> str:
+    """The single-turn prompt for `question`; the answer follows after a space."""
+    return template.replace(QUESTION_MARK, question.strip())
 
 
 def image_key(image: np.ndarray) -> str:
@@ -65,10 +97,15 @@ def image_token_count(processor) -> int:
 
 
 def encode_text(
-    tokenizer, question: str, answer: str | None, n_image_tokens: int
+    tokenizer,
+    question: str,
+    answer: str | None,
+    n_image_tokens: int,
+    template: str = LLAVA_PROMPT,
 ) -> tuple[list[int], list[int]]:
-    """Token ids of prompt (+ answer and EOS) and labels that score the answer tokens only."""
-    prompt = chat_prompt(question).replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens)
+    """Token ids of prompt (+ answer and EOS) and labels that score the answer tokens only.
+    `template`: the model's prompt (`prompt_template(processor)`)."""
+    prompt = chat_prompt(question, template).replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens)
     prompt_ids = tokenizer(prompt).input_ids
     if answer is None:
         return prompt_ids, [IGNORE_LABEL] * len(prompt_ids)

@@ -260,7 +260,7 @@ def random_weight_processors() -> tuple[object, object]:
     )
     processor = LlavaProcessor(
         image_processor=clip,
-        tokenizer=build_tokenizer(),
+        tokenizer=build_tokenizer(CHAT_TEMPLATE),  # llava-1.5's format
         patch_size=14,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,

@@ -2,10 +2,12 @@
 
 The folders written here use the standard Hugging Face layout (config, safetensors weights,
 tokenizer, processor) and are loaded back through the same `from_pretrained` path as the real
-models. Conventions follow llava-1.5: the "USER: <image>\\n... ASSISTANT:" chat format,
-`<image>` expanded by the processor into one token per patch, vision feature layer -2 and the
-"default" selection strategy (the CLS token dropped). Widths are multiples of 64 so the
-bitsandbytes 4-bit CPU kernels run.
+models. Conventions follow llava-1.5 with one exception, the chat format: the tiny models put
+the question before the image ("USER: ...\\n<image> ASSISTANT:"), so the image tokens can
+attend to the question (trained from scratch, a small model learned to point at the asked-for
+object far better this way: docs/BENCHMARKS.md). `<image>` is expanded by the processor into
+one token per patch, vision feature layer -2 and the "default" selection strategy (the CLS
+token dropped). Widths are multiples of 64 so the bitsandbytes 4-bit CPU kernels run.
 
     python -m lisa_demo.tiny --out DIR     # writes DIR/llava and DIR/sam with random weights
 """
@@ -34,6 +36,18 @@ CHAT_TEMPLATE = (
     "{{ '<image>\n' }}{% endfor %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# The tiny models' format: the question, then the image ("USER: {question}\n<image> ASSISTANT:").
+QUESTION_FIRST_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + '\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image> ' }}{% endfor %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
@@ -86,14 +100,14 @@ def tokenizer_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def build_tokenizer():  # -> LlamaTokenizer
+def build_tokenizer(chat_template: str = QUESTION_FIRST_CHAT_TEMPLATE):  # -> LlamaTokenizer
     from transformers import LlamaTokenizer
 
     vocab, merges = tokenizer_vocabulary()
     tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -192,7 +206,7 @@ def build_processors(tokenizer):  # -> (LlavaProcessor, SamProcessor)
         patch_size=CLIP_PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=tokenizer.chat_template,
     )
     sam_image = SamImageProcessorPil(
         size={"longest_edge": SAM_IMAGE_SIZE},

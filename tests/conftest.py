@@ -44,6 +44,20 @@ def tiny_loaded():
     return load_lisa(preset("tiny-random"), device="cpu")
 
 
+@pytest.fixture(scope="session")
+def image_first_loaded(tiny_loaded):
+    """The same model and weights with llava-1.5's prompt, the image before the question (the
+    tiny models put the question first); the pipeline then caches the prompt's prefix."""
+    import copy
+    import dataclasses
+
+    from lisa_demo.tiny import CHAT_TEMPLATE
+
+    processor = copy.copy(tiny_loaded.processor)
+    processor.chat_template = CHAT_TEMPLATE
+    return dataclasses.replace(tiny_loaded, processor=processor)
+
+
 def draw_scene() -> np.ndarray:
     """A 48x64 RGB uint8 image: a red square and a blue disc on gray."""
     image = np.full((48, 64, 3), 128, dtype=np.uint8)
@@ -133,12 +147,18 @@ def force_answer(monkeypatch) -> Callable:
 def make_inputs() -> Callable:
     """make_inputs(loaded, image, question, answer): a teacher-forced batch of one for
     LisaModel.forward (labels score the answer)."""
-    from lisa_demo.inputs import collate_text, encode_image, encode_text, image_token_count
+    from lisa_demo.inputs import (
+        collate_text,
+        encode_image,
+        encode_text,
+        image_token_count,
+        prompt_template,
+    )
 
     def build(loaded, image: np.ndarray, question: str, answer: str) -> dict:
         encoded = encode_image(image, loaded.processor, loaded.sam_processor)
-        n_image = image_token_count(loaded.processor)
-        ids, labels = encode_text(loaded.tokenizer, question, answer, n_image)
+        n_image, template = image_token_count(loaded.processor), prompt_template(loaded.processor)
+        ids, labels = encode_text(loaded.tokenizer, question, answer, n_image, template)
         batch = collate_text([ids], [labels], loaded.tokenizer.pad_token_id)
         device = loaded.device
         return {

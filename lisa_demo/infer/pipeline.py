@@ -2,18 +2,20 @@
 
 One `LisaPipeline` holds a loaded model, a lock the app serialises calls with, and an LRU cache
 of per-image encodings (SAM image embeddings and LLaVA's projected vision features), so a
-second question about the same image runs neither image encoder. The most recent images also
-keep the KV cache of the prompt's question-independent prefix (BOS, "USER: " and the image
-tokens: the tokenizer splits around the special `<image>` token, so these ids never depend on
-the question), so a further question prefills only itself and " ASSISTANT:".
+second question about the same image runs neither image encoder. When the model's prompt puts
+the image first (llava-1.5), the most recent images also keep the KV cache of the prompt's
+question-independent prefix (BOS, "USER: " and the image tokens: the tokenizer splits around
+the special `<image>` token, so these ids never depend on the question), so a further question
+prefills only itself and " ASSISTANT:". When the question comes first (the bundled tiny
+model), the image tokens' states depend on the question and the whole prompt is prefilled.
 
 Generation is greedy with the KV cache on, and always in two parts, cached or not: the prefix
-in one forward pass, then a greedy loop from a copy of the prefix's KV cache over the rest of
-the prompt (the loop `generate` runs, without its per-call set-up). Every path therefore does
-the same arithmetic, and a cache hit gives bit-identical answers and masks. The `[SEG]`
-queries come out of the generation itself: the last-layer (post-norm) state that predicted a
-generated `[SEG]` is exactly LISA's "state just before `[SEG]`", so no second forward pass is
-needed.
+(image first) or all of the prompt but its last token (question first) in one forward pass,
+then a greedy loop from there (the loop `generate` runs, without its per-call set-up). Every
+path therefore does the same arithmetic, and a cache hit gives bit-identical answers and
+masks. The `[SEG]` queries come out of the generation itself: the last-layer (post-norm)
+state that predicted a generated `[SEG]` is exactly LISA's "state just before `[SEG]`", so no
+second forward pass is needed.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ from lisa_demo.inputs import (
     collate_text,
     encode_image,
     encode_text,
+    image_first,
     image_key,
     image_token_count,
+    prompt_template,
 )
 from lisa_demo.loading import LoadedLisa, load_lisa
 
@@ -274,6 +278,8 @@ class LisaPipeline:
         self.lock = threading.Lock()
         self._cache: OrderedDict[str, _ImageEncoding] = OrderedDict()
         self._n_image_tokens = image_token_count(loaded.processor)
+        self._template = prompt_template(loaded.processor)
+        self._image_first = image_first(self._template)
         # Called as processor(sequence, scores) before each greedy choice (the benchmark forces
         # an answer with one); None in normal use.
         self.logits_processor = None
@@ -388,7 +394,8 @@ class LisaPipeline:
 
     def _prompt_ids(self, questions: list[str]) -> list[list[int]]:
         tokenizer = self.loaded.tokenizer
-        ids = [encode_text(tokenizer, q, None, self._n_image_tokens)[0] for q in questions]
+        n_image, template = self._n_image_tokens, self._template
+        ids = [encode_text(tokenizer, q, None, n_image, template)[0] for q in questions]
         limit = self._llava.config.text_config.max_position_embeddings
         for question, prompt in zip(questions, ids, strict=True):
             if len(prompt) + self.max_new_tokens > limit:
@@ -430,30 +437,16 @@ class LisaPipeline:
                     entry.prefix = None
 
     def _generate(self, encoding: _ImageEncoding, questions: list[str]) -> list[_Answer]:
-        """Greedy answers: the prefix from its KV cache, then greedy decoding of each question.
-
-        A batch shares the prefix, so rows are laid out as [prefix | padding | question]: the
-        padding sits between the two (masked out; position ids come from the attention mask,
-        so every row's positions run on as in a single query) instead of on the left.
-        """
+        """Greedy answers: the prompts are prefilled (from the image's prefix KV cache when
+        the image comes first), then decoded greedily."""
         tokenizer = self.loaded.tokenizer
         prompts = self._prompt_ids(questions)
-        prefix = self._prompt_prefix(encoding, prompts[0])
-        n, width = len(questions), len(prefix.ids)
-        if any(tuple(p[:width]) != prefix.ids for p in prompts):
-            raise RuntimeError("prompts about one image must share the image prefix")
-        rest = collate_text([p[width:] for p in prompts], None, _pad_id(tokenizer), left=True)
-        device = self.loaded.device
-        head = torch.tensor([prefix.ids], device=device).expand(n, -1)
-        input_ids = torch.cat([head, rest["input_ids"].to(device)], dim=1)
-        attention_mask = torch.cat(
-            [torch.ones_like(head), rest["attention_mask"].to(device)], dim=1
-        )
-        cache = copy.deepcopy(prefix.cache)
-        if n > 1:
-            cache.batch_repeat_interleave(n)
+        if self._image_first:
+            input_ids, attention_mask, cache, cached = self._prefill_prefix(encoding, prompts)
+        else:
+            input_ids, attention_mask, cache, cached = self._prefill_prompt(encoding, prompts)
         eos_id = tokenizer.eos_token_id
-        generated, states = self._greedy(input_ids, attention_mask, cache, width, eos_id)
+        generated, states = self._greedy(input_ids, attention_mask, cache, cached, eos_id)
         answers = []
         for row, row_states in zip(generated.tolist(), states, strict=True):
             end = row.index(eos_id) if eos_id in row else len(row)
@@ -467,6 +460,59 @@ class LisaPipeline:
                 )
             )
         return answers
+
+    def _prefill_prefix(
+        self, encoding: _ImageEncoding, prompts: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache, int]:
+        """Image first: the rows, their mask, a copy of the image's prefix KV cache and its
+        length (the question and " ASSISTANT:" are left to the greedy loop).
+
+        A batch shares the prefix, so rows are laid out as [prefix | padding | question]: the
+        padding sits between the two (masked out; position ids come from the attention mask,
+        so every row's positions run on as in a single query) instead of on the left.
+        """
+        tokenizer = self.loaded.tokenizer
+        prefix = self._prompt_prefix(encoding, prompts[0])
+        n, width = len(prompts), len(prefix.ids)
+        if any(tuple(p[:width]) != prefix.ids for p in prompts):
+            raise RuntimeError("prompts about one image must share the image prefix")
+        rest = collate_text([p[width:] for p in prompts], None, _pad_id(tokenizer), left=True)
+        device = self.loaded.device
+        head = torch.tensor([prefix.ids], device=device).expand(n, -1)
+        input_ids = torch.cat([head, rest["input_ids"].to(device)], dim=1)
+        attention_mask = torch.cat(
+            [torch.ones_like(head), rest["attention_mask"].to(device)], dim=1
+        )
+        cache = copy.deepcopy(prefix.cache)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        return input_ids, attention_mask, cache, width
+
+    def _prefill_prompt(
+        self, encoding: _ImageEncoding, prompts: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache, int]:
+        """Question first: the left-padded rows, their mask, and the KV cache of all of each
+        row but its last token (a text token of " ASSISTANT:", left to the greedy loop), with
+        the image's cached features in place of its image tokens."""
+        llava, device = self._llava, self.loaded.device
+        batch = collate_text(prompts, None, _pad_id(self.loaded.tokenizer), left=True)
+        input_ids = batch["input_ids"].to(device)
+        attention_mask = batch["attention_mask"].to(device)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        padded = not bool(attention_mask.all())  # as in _greedy: no mask for unpadded rows
+        features = BaseModelOutputWithPooling(
+            pooler_output=[encoding.image_features] * len(prompts)
+        )
+        cache = DynamicCache(config=llava.config)
+        llava.model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1] if padded else None,
+            position_ids=positions[:, :-1],
+            mm_encoder_outputs={"image": features},
+            cache=cache,
+            use_cache=True,
+        )
+        return input_ids, attention_mask, cache, input_ids.shape[1] - 1
 
     def _greedy(
         self,

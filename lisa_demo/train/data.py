@@ -27,6 +27,7 @@ from lisa_demo.inputs import (
     encode_image,
     encode_text,
     image_token_count,
+    prompt_template,
 )
 
 
@@ -76,21 +77,24 @@ class TextEncoder:
     def __init__(self, processor, explanation_lead: float = 0.0) -> None:
         self.tokenizer = processor.tokenizer
         self.n_image_tokens = image_token_count(processor)
+        self.template = prompt_template(processor)
         self.explanation_lead = explanation_lead
 
     def training(self, sample: Sample, rng: random.Random) -> tuple[list[int], list[int]]:
         question = training_question(sample.query, sample.record.is_sentence, rng)
         answer = training_answer(rng, sample.explanation, self.explanation_lead)
-        return encode_text(self.tokenizer, question, answer, self.n_image_tokens)
+        return encode_text(self.tokenizer, question, answer, self.n_image_tokens, self.template)
 
     def prompt(self, sample: Sample) -> list[int]:
         """The evaluation question alone, for generation."""
         question = eval_question(sample.query, sample.record.is_sentence)
-        return encode_text(self.tokenizer, question, None, self.n_image_tokens)[0]
+        return encode_text(self.tokenizer, question, None, self.n_image_tokens, self.template)[0]
 
     def evaluation(self, sample: Sample) -> tuple[list[int], list[int]]:
         question = eval_question(sample.query, sample.record.is_sentence)
-        return encode_text(self.tokenizer, question, EVAL_ANSWER, self.n_image_tokens)
+        return encode_text(
+            self.tokenizer, question, EVAL_ANSWER, self.n_image_tokens, self.template
+        )
 
 
 class SampleBatcher:

@@ -205,19 +205,20 @@ def test_reduced_precision_and_lora_models_segment_and_reuse_the_prefix(
 
 
 # The prompt-prefix KV cache -----------------------------------------------------------------
-def test_prompt_prefix_ids_do_not_depend_on_the_question(tiny_loaded):
+def test_prompt_prefix_ids_do_not_depend_on_the_question(image_first_loaded):
     """Tokenization splits around the special <image> token: BOS, "USER: " and the image
     tokens come out the same whatever follows."""
     from lisa_demo.config import IMAGE_TOKEN
-    from lisa_demo.inputs import encode_text, image_token_count
+    from lisa_demo.inputs import encode_text, image_token_count, prompt_template
 
-    tokenizer = tiny_loaded.tokenizer
-    n_image = image_token_count(tiny_loaded.processor)
+    tokenizer = image_first_loaded.tokenizer
+    n_image = image_token_count(image_first_loaded.processor)
+    template = prompt_template(image_first_loaded.processor)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     questions = [QUESTION, "x", "\n  leading newline", "ünïcödé 日本", "<s> ASSISTANT: [SEG]"]
     prefixes = set()
     for question in questions:
-        ids = encode_text(tokenizer, question, None, n_image)[0]
+        ids = encode_text(tokenizer, question, None, n_image, template)[0]
         last = max(i for i, t in enumerate(ids) if t == image_id)
         prefixes.add(tuple(ids[: last + 1]))
     assert len(prefixes) == 1
@@ -241,24 +242,29 @@ def _language_model_lengths(loaded) -> tuple[list[int], torch.utils.hooks.Remova
     return lengths, handle
 
 
+@pytest.mark.parametrize("order", ["image_first", "question_first"])
 def test_second_query_reuses_the_prefix_and_matches_the_uncached_path(
-    tiny_loaded, force_answer, scene_image
+    order, tiny_loaded, image_first_loaded, force_answer, scene_image
 ):
-    """First query, second query (prefix from the cache) and a pipeline with the cache
-    disabled give the same answer, masks and scores; the second prefills only the question."""
-    lengths, handle = _language_model_lengths(tiny_loaded)
+    """First query, second query (encodings, and with the image first the prompt prefix, from
+    the cache) and a pipeline with the cache disabled give the same answer, masks and scores.
+    Image first, the second prefills only the question; question first, each query prefills
+    all of its prompt but the last token (the image tokens depend on the question)."""
+    loaded = image_first_loaded if order == "image_first" else tiny_loaded
+    n_prompt = len(LisaPipeline(loaded)._prompt_ids([QUESTION])[0])
+    lengths, handle = _language_model_lengths(loaded)
     try:
         for answer in (TWO_SEG, None):  # forced, then the random model's own answer
             if answer is not None:
-                force_answer(tiny_loaded, answer)
-            cached = LisaPipeline(tiny_loaded, max_new_tokens=12)
+                force_answer(loaded, answer)
+            cached = LisaPipeline(loaded, max_new_tokens=12)
             lengths.clear()
             first = cached.segment(scene_image, QUESTION, keep_logits=True)
             first_lengths = list(lengths)
             lengths.clear()
             second = cached.segment(scene_image, QUESTION, keep_logits=True)
             second_lengths = list(lengths)
-            disabled = LisaPipeline(tiny_loaded, cache_size=0, max_new_tokens=12)
+            disabled = LisaPipeline(loaded, cache_size=0, max_new_tokens=12)
             fresh = disabled.segment(scene_image, QUESTION, keep_logits=True)
             assert [r.cache_hit for r in (first, second, fresh)] == [False, True, False]
             assert first.answer == second.answer == fresh.answer
@@ -270,8 +276,16 @@ def test_second_query_reuses_the_prefix_and_matches_the_uncached_path(
                     assert np.array_equal(a.mask, b.mask)
                     np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=1e-5)
                     np.testing.assert_allclose(a.score, b.score, rtol=0, atol=1e-5)
-            prefix = len(next(iter(cached._cache.values())).prefix.ids)
+            entry = next(iter(cached._cache.values()))
+            if order == "question_first":
+                assert entry.prefix is None
+                assert first_lengths[:2] == second_lengths[:2] == [n_prompt - 1, 1]
+                assert all(n == 1 for n in first_lengths[1:] + second_lengths[1:])  # decoding
+                assert len(second_lengths) == len(first_lengths)
+                continue
+            prefix = len(entry.prefix.ids)
             question = first_lengths[1]
+            assert prefix + question == n_prompt
             assert first_lengths[:2] == [prefix, question]  # prefix, then the question part
             assert second_lengths[0] == question  # the prefix came from the cache
             assert all(n == 1 for n in first_lengths[2:] + second_lengths[1:])  # decoding
@@ -280,43 +294,51 @@ def test_second_query_reuses_the_prefix_and_matches_the_uncached_path(
         handle.remove()
 
 
+@pytest.mark.parametrize("order", ["image_first", "question_first"])
 def test_split_prefill_matches_one_generate_over_the_whole_prompt(
-    pipeline, tiny_loaded, force_answer, scene_image
+    order, tiny_loaded, image_first_loaded, force_answer, scene_image
 ):
-    """The prefix-then-question generation gives the tokens and [SEG] states of one plain
-    generate call over the whole prompt (the path before the prefix cache)."""
+    """The prefill-then-greedy generation (from the cached prefix when the image comes
+    first) gives the tokens and [SEG] states of one plain generate call over the whole prompt
+    (the path before the prefix cache)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     from lisa_demo.inputs import collate_text
 
-    force_answer(tiny_loaded, TWO_SEG)
-    pipeline.segment(scene_image, QUESTION)  # fills the cache, prefix included
+    loaded = image_first_loaded if order == "image_first" else tiny_loaded
+    pipeline = LisaPipeline(loaded, max_new_tokens=12)
+    force_answer(loaded, TWO_SEG)
+    pipeline.segment(scene_image, QUESTION)  # fills the cache (and the prefix, image first)
     with torch.inference_mode():
         encoding, hit = pipeline._encode_image(scene_image)
-        assert hit and encoding.prefix is not None
+        assert hit and (encoding.prefix is not None) == (order == "image_first")
         split = pipeline._generate(encoding, [QUESTION])[0]
         batch = collate_text(pipeline._prompt_ids([QUESTION]), None, 0)
         features = BaseModelOutputWithPooling(pooler_output=[encoding.image_features])
         out = pipeline._llava.generate(
             **batch, mm_encoder_outputs={"image": features}, do_sample=False,
             output_hidden_states=True, return_dict_in_generate=True, max_new_tokens=12,
-            pad_token_id=0, eos_token_id=tiny_loaded.tokenizer.eos_token_id,
+            pad_token_id=0, eos_token_id=loaded.tokenizer.eos_token_id,
         )  # fmt: skip
     states = torch.stack([step[-1][0, -1] for step in out.hidden_states])
     tokens = out.sequences[0, batch["input_ids"].shape[1] :]
-    seg = tokens[: len(states)] == tiny_loaded.seg_token_id
+    seg = tokens[: len(states)] == loaded.seg_token_id
     assert split.text == TWO_SEG
     torch.testing.assert_close(split.seg_states, states[seg], rtol=1e-5, atol=1e-5)
 
 
-def test_batches_share_the_cached_prefix(tiny_loaded, force_answer, scene_image):
+@pytest.mark.parametrize("order", ["image_first", "question_first"])
+def test_batches_share_the_cached_prefix(
+    order, tiny_loaded, image_first_loaded, force_answer, scene_image
+):
+    loaded = image_first_loaded if order == "image_first" else tiny_loaded
     answers = ["[SEG].", "Sure, it is [SEG] and the other [SEG].", "No."]
     queries = [QUESTION, "Which shape would roll down a hill? Tell me.", "Cat?"]
-    force_answer(tiny_loaded, *answers)
-    cached = LisaPipeline(tiny_loaded, max_new_tokens=12)
+    force_answer(loaded, *answers)
+    cached = LisaPipeline(loaded, max_new_tokens=12)
     cached.segment_batch(scene_image, queries)
     again = cached.segment_batch(scene_image, queries, keep_logits=True)
-    fresh = LisaPipeline(tiny_loaded, cache_size=0, max_new_tokens=12).segment_batch(
+    fresh = LisaPipeline(loaded, cache_size=0, max_new_tokens=12).segment_batch(
         scene_image, queries, keep_logits=True
     )
     assert all(r.cache_hit for r in again)
@@ -327,8 +349,10 @@ def test_batches_share_the_cached_prefix(tiny_loaded, force_answer, scene_image)
             np.testing.assert_allclose(a.score, b.score, rtol=0, atol=1e-5)
 
 
-def test_prefix_caches_are_bounded_separately(tiny_loaded):
-    pipeline = LisaPipeline(tiny_loaded, cache_size=3, prefix_cache_size=1, max_new_tokens=1)
+def test_prefix_caches_are_bounded_separately(image_first_loaded):
+    pipeline = LisaPipeline(
+        image_first_loaded, cache_size=3, prefix_cache_size=1, max_new_tokens=1
+    )
     images = [np.full((16, 16, 3), value, dtype=np.uint8) for value in (0, 100, 200)]
     for image in images:
         pipeline.segment(image, "what")
@@ -336,11 +360,11 @@ def test_prefix_caches_are_bounded_separately(tiny_loaded):
     assert pipeline.segment(images[0], "again").cache_hit  # encodings kept, prefix rebuilt
     with_prefix = [key for key, e in pipeline._cache.items() if e.prefix is not None]
     assert with_prefix == [pipeline._cache_key(images[0])]  # now the most recent image
-    none = LisaPipeline(tiny_loaded, prefix_cache_size=0, max_new_tokens=1)
+    none = LisaPipeline(image_first_loaded, prefix_cache_size=0, max_new_tokens=1)
     none.segment(images[0], "what")
     assert all(e.prefix is None for e in none._cache.values())
     with pytest.raises(ValueError, match="prefix_cache_size"):
-        LisaPipeline(tiny_loaded, prefix_cache_size=-1)
+        LisaPipeline(image_first_loaded, prefix_cache_size=-1)
 
 
 # Queries ------------------------------------------------------------------------------------
