@@ -350,9 +350,7 @@ def test_batches_share_the_cached_prefix(
 
 
 def test_prefix_caches_are_bounded_separately(image_first_loaded):
-    pipeline = LisaPipeline(
-        image_first_loaded, cache_size=3, prefix_cache_size=1, max_new_tokens=1
-    )
+    pipeline = LisaPipeline(image_first_loaded, cache_size=3, prefix_cache_size=1, max_new_tokens=1)
     images = [np.full((16, 16, 3), value, dtype=np.uint8) for value in (0, 100, 200)]
     for image in images:
         pipeline.segment(image, "what")
