@@ -9,9 +9,9 @@ share of queries whose most-attended image patch is covered at least half by the
         runs/pretrain/data SECONDS
 
 Knobs (environment): LR (1e-3), BATCH (8), CE (0), TRAIN_PROJECTOR (0), KEEP_LM (0),
-THREADS (2), SEED (0), TRAIN_IMAGES (4000), QUESTION_FIRST (0: 1 puts the question before
-the image in the prompt, an experiment on how the order affects learning; llava-1.5 puts the
-image first).
+THREADS (2), SEED (0), TRAIN_IMAGES (4000), IMAGE_FIRST (0: the tiny models' prompt, the
+question before the image; 1: llava-1.5's, the image first, to see how the order affects
+learning).
 """
 
 from __future__ import annotations
@@ -37,15 +37,14 @@ from lisa_demo.train.data import SampleBatcher, training_targets
 def main() -> None:
     checkpoint, data, seconds = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
     env = os.environ.get
-    if env("QUESTION_FIRST", "0") == "1":
-        from lisa_demo import inputs
-        from lisa_demo.config import IMAGE_TOKEN
-
-        inputs.chat_prompt = lambda q: f"USER: {q.strip()}\n{IMAGE_TOKEN} ASSISTANT:"
     torch.set_num_threads(int(env("THREADS", "2")))
     torch.manual_seed(int(env("SEED", "0")))
     cfg = preset("tiny-random").replace(train_all=True, losses=LossWeights(pointing=1.0))
     loaded = load_lisa(cfg, device="cpu")
+    if env("IMAGE_FIRST", "0") == "1":
+        from lisa_demo.tiny import CHAT_TEMPLATE
+
+        loaded.processor.chat_template = CHAT_TEMPLATE  # llava-1.5's prompt
     model = loaded.model
     load_trainable_state(checkpoint, model)
     llava = model.base_llava
