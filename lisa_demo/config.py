@@ -84,6 +84,10 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # projections inside LM layers
+    # Words whose token rows of embed_tokens and lm_head train with LoRA, besides [SEG]'s (the
+    # reference trained both matrices whole). A word the base never learned, such as a new
+    # concept's name, needs its own row to mean anything.
+    train_tokens: tuple[str, ...] = ()
     gradient_checkpointing: bool = False
     train_all: bool = False  # pretraining: every weight trains (vision tower, SAM encoder too)
     random_weights: bool = False  # build the architecture with random weights, no download
@@ -106,6 +110,11 @@ class ModelConfig:
         for target in self.lora_targets:
             if not target.replace("_", "").isalnum():
                 raise ConfigError(f"LoRA target {target!r} is not a module name like q_proj")
+        for word in self.train_tokens:
+            if not word.strip():
+                raise ConfigError("--train-tokens takes words, got an empty one")
+        if self.train_tokens and not self.use_lora:
+            raise ConfigError("--train-tokens trains token rows with LoRA; it needs --use-lora")
         if self.train_all and (self.use_lora or self.quantization != "none"):
             raise ConfigError("full training (train_all) needs quantization none and no LoRA")
 

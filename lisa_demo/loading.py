@@ -68,6 +68,7 @@ class LoadedLisa:
                 "alpha": cfg.lora_alpha,
                 "dropout": cfg.lora_dropout,
                 "targets": list(cfg.lora_targets),
+                "train_tokens": list(cfg.train_tokens),
             }
         return {
             **self.base,
@@ -351,8 +352,21 @@ def load_sam(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.de
         raise _fetch_error("SAM", source, err) from err
 
 
-def apply_lora(llava, cfg: ModelConfig, seg_id: int):
-    """Wrap the language model's attention projections with LoRA; train the [SEG] rows."""
+def train_token_ids(tokenizer, words: tuple[str, ...], seg_id: int) -> list[int]:
+    """[SEG]'s id, then the ids of `words` as they appear inside a sentence (after a space),
+    without repeats or special tokens."""
+    ids = [seg_id]
+    special = set(tokenizer.all_special_ids)
+    for word in words:
+        for token in tokenizer(" " + word.strip(), add_special_tokens=False).input_ids:
+            if token not in ids and token not in special:
+                ids.append(token)
+    return ids
+
+
+def apply_lora(llava, cfg: ModelConfig, token_ids: list[int]):
+    """Wrap the language model's attention projections with LoRA; train the rows of
+    `token_ids` ([SEG] and the config's train_tokens) in embed_tokens and lm_head."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
@@ -360,7 +374,7 @@ def apply_lora(llava, cfg: ModelConfig, seg_id: int):
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.lora_target_regex(),
-        trainable_token_indices={"embed_tokens": [seg_id], "lm_head": [seg_id]},
+        trainable_token_indices={"embed_tokens": token_ids, "lm_head": token_ids},
         bias="none",
     )
     return get_peft_model(llava, lora)
@@ -398,6 +412,7 @@ def _apply_checkpoint_settings(cfg: ModelConfig, manifest: dict) -> ModelConfig:
             lora_alpha=lora["alpha"],
             lora_dropout=lora["dropout"],
             lora_targets=tuple(lora["targets"]),
+            train_tokens=tuple(lora.get("train_tokens", ())),
         )
     return cfg
 
@@ -439,7 +454,7 @@ def load_lisa(
     if cfg.gradient_checkpointing and for_training:
         llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.use_lora:
-        llava = apply_lora(llava, cfg, seg_id)
+        llava = apply_lora(llava, cfg, train_token_ids(tokenizer, cfg.train_tokens, seg_id))
 
     model = LisaModel(
         llava,

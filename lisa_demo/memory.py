@@ -87,7 +87,8 @@ class ArchitectureCounts:
     sam_decoder: int  # SAM mask decoder (trained)
     projection: int  # text_hidden_fcs (trained)
     lora: int  # LoRA A and B of the adapted projections (trained); 0 without LoRA
-    seg_rows: int  # the [SEG] rows of embed_tokens and lm_head (trained with LoRA)
+    seg_rows: int  # the [SEG] rows of embed_tokens and lm_head (trained with LoRA), and those
+    # of --train-tokens words (one token each assumed)
     lora_inputs_per_layer: int  # summed in-features of the LoRA layers of one LM layer
     hidden: int
     intermediate: int
@@ -265,12 +266,13 @@ def architecture_configs(cfg: ModelConfig, sam_variant: str | None = None):
 def count_parameters(cfg: ModelConfig, sam_variant: str | None = None) -> ArchitectureCounts:
     """Build LLaVA and SAM on the meta device and count what each memory term needs."""
     llava_config, sam_config = architecture_configs(cfg, sam_variant)
-    lora = (cfg.lora_r, cfg.lora_target_regex()) if cfg.use_lora else None
+    rows = 1 + len(cfg.train_tokens)  # [SEG] and each trained word
+    lora = (cfg.lora_r, cfg.lora_target_regex(), rows) if cfg.use_lora else None
     return _count(llava_config.to_json_string(), sam_config.to_json_string(), lora)
 
 
 @functools.lru_cache(maxsize=8)
-def _count(llava_json: str, sam_json: str, lora: tuple[int, str] | None) -> ArchitectureCounts:
+def _count(llava_json: str, sam_json: str, lora: tuple[int, str, int] | None) -> ArchitectureCounts:
     import json
 
     import torch
@@ -313,7 +315,7 @@ def _count(llava_json: str, sam_json: str, lora: tuple[int, str] | None) -> Arch
         sam_decoder=decoder,
         projection=hidden * hidden + hidden + hidden * prompt_size + prompt_size,
         lora=lora_params,
-        seg_rows=2 * hidden if lora is not None else 0,
+        seg_rows=2 * hidden * lora[2] if lora is not None else 0,
         lora_inputs_per_layer=lora_inputs // text.num_hidden_layers,
         hidden=hidden,
         intermediate=text.intermediate_size,

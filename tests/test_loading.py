@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lisa_demo.checkpoint import CheckpointError, read_manifest, save_checkpoint
-from lisa_demo.config import ModelConfig, preset
+from lisa_demo.config import ConfigError, ModelConfig, preset
 from lisa_demo.loading import ModelLoadError, load_lisa
 
 QUESTION = "Can you segment the red square in this image?"
@@ -149,3 +149,36 @@ def test_unfetchable_model_id_says_what_to_do_instead():
     message = str(err.value)
     assert "nobody/no-such-model" in message
     assert "local folder" in message and "--preset tiny" in message
+
+
+def test_train_tokens_train_their_rows_and_reload_from_the_checkpoint(tmp_path, make_inputs):
+    """--train-tokens: the words' rows of embed_tokens and lm_head train beside [SEG]'s, the
+    manifest records the words, and a reload gives the trained rows back."""
+    from lisa_demo.loading import train_token_ids
+
+    cfg = preset("tiny-random").replace(use_lora=True, train_tokens=("heart", "red circle"))
+    loaded = load_lisa(cfg, device="cpu", for_training=True)
+    tokenizer = loaded.tokenizer
+    words = [tokenizer.convert_tokens_to_ids("\u2581" + w) for w in ("heart", "red", "circle")]
+    ids = train_token_ids(tokenizer, cfg.train_tokens, loaded.seg_token_id)
+    assert ids == [loaded.seg_token_id, *words]
+    deltas = {n: p for n, p in loaded.model.named_parameters() if "trainable_tokens_delta" in n}
+    assert len(deltas) == 2 and all(p.shape[0] == 4 and p.requires_grad for p in deltas.values())
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    inputs = make_inputs(loaded, image, "where is the heart?", "[SEG].")
+    embed = loaded.model.llava.get_input_embeddings()
+    before = embed(torch.tensor(words)).detach().clone()
+    optimizer = torch.optim.SGD(list(deltas.values()), lr=10.0)
+    loaded.model(**inputs).ce_loss.backward()
+    optimizer.step()
+    after = embed(torch.tensor(words)).detach()
+    assert not torch.equal(before[0], after[0])  # "heart" is in the question: it trained
+    assert torch.equal(before[1:], after[1:])  # "red" and "circle" were not in the batch
+    folder = save_checkpoint(tmp_path / "ckpt", loaded.model, loaded.manifest())
+    assert read_manifest(folder)["lora"]["train_tokens"] == ["heart", "red circle"]
+    reloaded = load_lisa(preset("tiny-random"), checkpoint=folder, device="cpu")
+    assert reloaded.config.train_tokens == ("heart", "red circle")
+    again = reloaded.model.llava.get_input_embeddings()(torch.tensor(words))
+    torch.testing.assert_close(again, after)
+    with pytest.raises(ConfigError, match="needs --use-lora"):
+        preset("tiny-random").replace(train_tokens=("heart",))

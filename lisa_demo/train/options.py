@@ -182,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "lora-alpha", type=int, default=None)
     _add(p, "lora-dropout", type=float, default=None)
     _add(p, "lora-targets", nargs="+", default=None, help="e.g. q_proj v_proj")
+    _add(
+        p,
+        "train-tokens",
+        nargs="+",
+        default=None,
+        metavar="WORD",
+        help="words whose embedding and output rows train with LoRA (a new concept's name)",
+    )
     _add(p, "train-all", action="store_true", help="pretraining: every weight trains")
     _add(p, "gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     _add(p, "epochs", type=int, default=1)
@@ -309,6 +317,8 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         changes["heads"] = cfg.heads if not (args.llava and args.sam) else None
     if args.lora_targets:
         changes["lora_targets"] = tuple(args.lora_targets)
+    if args.train_tokens:
+        changes["train_tokens"] = tuple(args.train_tokens)
     if args.train_all:
         changes.update(train_all=True, use_lora=False, quantization="none")
     elif "use_lora" not in changes:
