@@ -17,7 +17,7 @@ if [ "$STEP" = all ]; then
     --synthetic 4000 --synthetic-seed 1 --exclude-concept heart --synthetic-explanations \
     --queries random --vision-warmup-minutes 5 --sam-warmup-minutes 11 --freeze-encoders \
     --target-weight 1.0 --pointing-weight 2.0 --batch-size 8 --learning-rate 1e-3 --warmup-steps 200 \
-    --lr-scheduler cosine --max-steps 7500 --max-minutes 57 --eval-every 1000 \
+    --lr-scheduler cosine --max-steps 9500 --max-minutes 57 --eval-every 1000 \
     --max-val-samples 100 --dice-weight 1.0 --iou-weight 1.0 --log-every 50 \
     --seg-rate-samples 8 --export-model --seed 7 --output-dir runs/pretrain
   # 2. Bundle the best checkpoint (float16 safetensors).
