@@ -95,6 +95,9 @@ class ModelConfig:
     losses: LossWeights = field(default_factory=LossWeights)
 
     def __post_init__(self) -> None:
+        # Lists (JSON, argparse) become tuples, so equal settings compare equal.
+        self.lora_targets = tuple(self.lora_targets)
+        self.train_tokens = tuple(self.train_tokens)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.quantization not in QUANTIZATIONS:

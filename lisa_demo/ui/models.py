@@ -149,8 +149,6 @@ def config_from_fields(fields: dict) -> ModelConfig:
     values = {k: v for k, v in fields.items() if k in known}
     if isinstance(values.get("losses"), dict):
         values["losses"] = LossWeights(**values["losses"])
-    if isinstance(values.get("lora_targets"), list):
-        values["lora_targets"] = tuple(values["lora_targets"])
     return ModelConfig(**values)
 
 
