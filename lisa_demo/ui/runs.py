@@ -89,6 +89,7 @@ class TrainRequest:
     precision: str = PRESET_DEFAULT
     quantization: str = PRESET_DEFAULT
     eval_every: int = 0
+    explained_answers: bool = False  # synthetic answers go on to describe the target
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -118,7 +119,12 @@ class TrainRequest:
             if self.exclude_concept:
                 args += ["--exclude-concept", self.exclude_concept]
             if self.focus_concept:
+                # the concept's name gets its own trainable token rows (a word the base
+                # model may never have seen)
                 args += ["--focus-concept", self.focus_concept]
+                args += ["--train-tokens", self.focus_concept]
+            if self.explained_answers:
+                args += ["--synthetic-explanations"]
         if self.length == "epochs":
             args += ["--epochs", str(int(self.epochs))]
         else:

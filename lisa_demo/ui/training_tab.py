@@ -44,8 +44,9 @@ NO_CONCEPT = "none"
 # The default run teaches the bundled model the concept its pretraining left out (a short
 # LoRA fine-tune on CPU; the model card gives its before/after numbers).
 DEFAULT_RUN = {
-    "scenes": 200, "focus": "heart", "max_steps": 150, "learning_rate": 1e-3,
-    "batch_size": 8, "eval_every": 50, "max_val_samples": 40,
+    "scenes": 400, "focus": "heart", "max_steps": 600, "learning_rate": 1e-3,
+    "batch_size": 8, "eval_every": 200, "max_val_samples": 40, "lora_rank": 16,
+    "lora_targets": list(LORA_TARGETS), "explained_answers": True,
 }  # fmt: skip
 NO_RUN = "No training run yet. Choose data and settings, then press Start."
 ZIP_HELP = (
@@ -147,6 +148,7 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
         precision: str = PRESET_DEFAULT,
         quantization: str = PRESET_DEFAULT,
         eval_every: float = 0,
+        explained_answers: bool = False,
     ) -> Iterator[tuple]:
         if source == "folder" and not settings.allow_server_paths:
             raise gr.Error("Server folders are disabled; upload a .zip instead.")
@@ -173,6 +175,7 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
                 precision=precision,
                 quantization=quantization,
                 eval_every=int(eval_every or 0),
+                explained_answers=bool(explained_answers),
             )
             manager.start(settings, request)
         except (RunBusy, RunError) as err:
@@ -311,7 +314,16 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
                 )
                 with gr.Row():
                     hold_out = gr.Dropdown(concepts, value=NO_CONCEPT, label="Hold out concept")
-                    focus = gr.Dropdown(concepts, value=DEFAULT_RUN["focus"], label="Focus concept")
+                    focus = gr.Dropdown(
+                        concepts,
+                        value=DEFAULT_RUN["focus"],
+                        label="Focus concept",
+                        info="scenes whose targets are this; its name's token rows train too",
+                    )
+                explained = gr.Checkbox(
+                    DEFAULT_RUN["explained_answers"],
+                    label="Answers describe the target (as in the bundled model's pretraining)",
+                )
             with gr.Group(visible=False) as zip_box:
                 dataset_zip = gr.File(label="Dataset .zip", file_types=[".zip"], type="filepath")
                 gr.Markdown(ZIP_HELP)
@@ -337,9 +349,11 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
                     )
                     scheduler = gr.Dropdown(list(SCHEDULERS), value="cosine", label="Scheduler")
                 with gr.Row():
-                    lora_rank = gr.Number(8, label="LoRA rank", precision=0, minimum=1)
+                    lora_rank = gr.Number(
+                        DEFAULT_RUN["lora_rank"], label="LoRA rank", precision=0, minimum=1
+                    )
                     lora_targets = gr.CheckboxGroup(
-                        list(LORA_TARGETS), value=["q_proj", "v_proj"], label="LoRA targets"
+                        list(LORA_TARGETS), value=DEFAULT_RUN["lora_targets"], label="LoRA targets"
                     )
                 with gr.Row():
                     batch_size = gr.Number(
@@ -438,6 +452,7 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
             precision,
             quantization,
             eval_every,
+            explained,
         ],  # fmt: skip
         outputs=outputs,
         api_name="train",
