@@ -5,7 +5,7 @@ tokenizer, processor) and are loaded back through the same `from_pretrained` pat
 models. Conventions follow llava-1.5 with one exception, the chat format: the tiny models put
 the question before the image ("USER: ...\\n<image> ASSISTANT:"), so the image tokens can
 attend to the question (trained from scratch, a small model learned to point at the asked-for
-object far better this way: docs/BENCHMARKS.md). `<image>` is expanded by the processor into
+object far better this way: assets/tiny-lisa/README.md). `<image>` is expanded by the processor into
 one token per patch, vision feature layer -2 and the "default" selection strategy (the CLS
 token dropped). Widths are multiples of 64 so the bitsandbytes 4-bit CPU kernels run.
 

@@ -80,21 +80,21 @@ class TextEncoder:
         self.template = prompt_template(processor)
         self.explanation_lead = explanation_lead
 
+    def _encode(self, question: str, answer: str | None) -> tuple[list[int], list[int]]:
+        return encode_text(self.tokenizer, question, answer, self.n_image_tokens, self.template)
+
     def training(self, sample: Sample, rng: random.Random) -> tuple[list[int], list[int]]:
         question = training_question(sample.query, sample.record.is_sentence, rng)
-        answer = training_answer(rng, sample.explanation, self.explanation_lead)
-        return encode_text(self.tokenizer, question, answer, self.n_image_tokens, self.template)
+        return self._encode(
+            question, training_answer(rng, sample.explanation, self.explanation_lead)
+        )
 
     def prompt(self, sample: Sample) -> list[int]:
         """The evaluation question alone, for generation."""
-        question = eval_question(sample.query, sample.record.is_sentence)
-        return encode_text(self.tokenizer, question, None, self.n_image_tokens, self.template)[0]
+        return self._encode(eval_question(sample.query, sample.record.is_sentence), None)[0]
 
     def evaluation(self, sample: Sample) -> tuple[list[int], list[int]]:
-        question = eval_question(sample.query, sample.record.is_sentence)
-        return encode_text(
-            self.tokenizer, question, EVAL_ANSWER, self.n_image_tokens, self.template
-        )
+        return self._encode(eval_question(sample.query, sample.record.is_sentence), EVAL_ANSWER)
 
 
 class SampleBatcher:

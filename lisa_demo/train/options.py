@@ -316,9 +316,9 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         changes["build_tiny"] = False
         changes["heads"] = cfg.heads if not (args.llava and args.sam) else None
     if args.lora_targets:
-        changes["lora_targets"] = tuple(args.lora_targets)
+        changes["lora_targets"] = args.lora_targets  # ModelConfig makes lists tuples
     if args.train_tokens:
-        changes["train_tokens"] = tuple(args.train_tokens)
+        changes["train_tokens"] = args.train_tokens
     if args.train_all:
         changes.update(train_all=True, use_lora=False, quantization="none")
     elif "use_lora" not in changes:
