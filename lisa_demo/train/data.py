@@ -101,9 +101,14 @@ class SampleBatcher:
     """Turns a list of Samples into the keyword arguments of LisaModel.forward."""
 
     def __init__(
-        self, processor, sam_processor, seed: int = 0, explanation_lead: float = 0.0
+        self,
+        processor,
+        sam_processor,
+        seed: int = 0,
+        explanation_lead: float = 0.0,
+        image_capacity: int = 4096,
     ) -> None:
-        self.images = ImageStore(processor, sam_processor)
+        self.images = ImageStore(processor, sam_processor, capacity=image_capacity)
         self.text = TextEncoder(processor, explanation_lead)
         self.pad_id = processor.tokenizer.pad_token_id
         self.seed = seed

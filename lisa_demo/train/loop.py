@@ -227,7 +227,11 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     batcher = SampleBatcher(
-        loaded.processor, loaded.sam_processor, seed=cfg.seed, explanation_lead=cfg.explanation_lead
+        loaded.processor,
+        loaded.sam_processor,
+        seed=cfg.seed,
+        explanation_lead=cfg.explanation_lead,
+        image_capacity=cfg.image_store_size,
     )
     # Frozen image encoders (every run but --train-all): SAM's image embeddings and LLaVA's
     # projected vision features are computed once per image, then reused.

@@ -65,6 +65,8 @@ class TrainConfig:
     seed: int = 42
     embedding_cache_dir: Path | None = None  # on-disk SAM embedding cache (frozen encoder)
     no_embedding_cache: bool = False
+    # Decoded, preprocessed training images kept in memory (LRU); past it, images decode again.
+    image_store_size: int = 4096
     export_model: bool = False  # full training: also write OUT/model as a loadable base
     # Pretraining from scratch only (--train-all; not in LISA), see lisa_demo.train.warmup:
     vision_warmup_minutes: float = 0.0  # CLIP learns to label its patches first
@@ -99,6 +101,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")  # fmt: skip
+        if self.image_store_size < 1:
+            raise ConfigError(f"--image-store-size must be at least 1, got {self.image_store_size}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {OPTIMIZERS}")
         if not 0.0 <= self.explanation_lead <= 1.0:
@@ -268,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(p, "embedding-cache-dir", type=Path, default=None)
     _add(p, "no-embedding-cache", action="store_true")
+    _add(
+        p,
+        "image-store-size",
+        type=int,
+        default=4096,
+        help="decoded, preprocessed training images kept in memory (LRU; about 1.1 MB each on "
+        "the tiny model). Set it to the number of training images when memory allows: past "
+        "it, every epoch decodes and preprocesses images again",
+    )
     _add(p, "export-model", action="store_true", help="full training: write OUT/model")
     _add(
         p,
@@ -369,6 +382,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         seed=args.seed,
         embedding_cache_dir=args.embedding_cache_dir,
         no_embedding_cache=args.no_embedding_cache,
+        image_store_size=args.image_store_size,
         export_model=args.export_model,
         vision_warmup_minutes=args.vision_warmup_minutes,
         sam_warmup_minutes=args.sam_warmup_minutes,

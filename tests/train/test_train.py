@@ -177,6 +177,7 @@ def test_two_process_accelerate_run_writes_one_set_of_artifacts(dataset, tmp_pat
         (["--synthetic", "4", "--preset", "gpt-17"], "unknown preset"),
         (["--synthetic", "4", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["--synthetic", "4", "--explanation-lead", "1.5"], "--explanation-lead is a share"),
+        (["--synthetic", "4", "--image-store-size", "0"], "--image-store-size must be at least 1"),
     ],
 )
 def test_bad_input_stops_with_one_clear_line(args, message, tmp_path, capsys):
@@ -265,3 +266,21 @@ def test_vision_feature_cache_only_when_the_vision_side_is_frozen():
     assert not _vision_trains(lora.model)
     full = load_lisa(preset("tiny-random").replace(train_all=True), device="cpu", for_training=True)
     assert _vision_trains(full.model)
+
+
+def test_image_store_keeps_the_most_recent_images_up_to_its_size(dataset, tiny_loaded):
+    from lisa_demo.data.reasonseg import ReasonSegDataset
+    from lisa_demo.train.data import SampleBatcher
+
+    data = ReasonSegDataset(dataset / "train", queries="first")
+    batcher = SampleBatcher(tiny_loaded.processor, tiny_loaded.sam_processor, image_capacity=2)
+    store = batcher.images
+    first = store.get(data[0])
+    assert store.get(data[0]) is first  # kept: no second decode
+    store.get(data[1])
+    store.get(data[0])  # data[0] is now the most recent, data[1] the oldest
+    store.get(data[2])  # over capacity: data[1] leaves
+    kept = [data[i].record.image_path for i in (0, 2)]
+    assert list(store._items) == kept
+    assert store.get(data[0]) is first
+    assert store.get(data[1]) is not None and len(store._items) == 2
