@@ -274,7 +274,8 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         resumed_from=str(resume) if resume else None, start_step=progress.step,
     )  # fmt: skip
     if warm_up:  # pretraining only: the encoders' own stages, before the LISA loop
-        _warm_up(cfg, core, batcher, [train_set[i] for i in range(n_train)], events, stop)
+        _warm_up(cfg, core, batcher, warmup_samples(train_set, n_train, cfg.warmup_images),
+                 events, stop)  # fmt: skip
 
     def evaluate_now() -> dict:
         acc, _ = evaluate_samples(core, batcher, val_samples, cfg.batch_size, device, cache,
@@ -419,6 +420,22 @@ def _encoder_parameters(model) -> list[torch.nn.Parameter]:
     llava = model.base_llava.model
     parts = (llava.vision_tower, llava.multi_modal_projector, model.sam.vision_encoder)
     return [p for part in parts for p in part.parameters()]
+
+
+def warmup_samples(train_set, n_train: int, images: int = 0) -> list[Sample]:
+    """The training samples of the first `images` distinct images (all when 0)."""
+    samples = [train_set[i] for i in range(n_train)]
+    if not images:
+        return samples
+    kept: set = set()
+    chosen = []
+    for sample in samples:
+        path = sample.record.image_path
+        if path not in kept and len(kept) >= images:
+            continue
+        kept.add(path)
+        chosen.append(sample)
+    return chosen
 
 
 def _warm_up(cfg: TrainConfig, model, batcher: SampleBatcher, samples, events: EventLog,

@@ -72,6 +72,7 @@ class TrainConfig:
     vision_warmup_minutes: float = 0.0  # CLIP learns to label its patches first
     sam_warmup_minutes: float = 0.0  # SAM learns to segment from a click first
     freeze_encoders: bool = False  # then the LISA loop leaves both image encoders as they are
+    warmup_images: int = 0  # the warm-ups draw from the first N training images; 0 = all
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,6 +99,7 @@ class TrainConfig:
             "max_minutes",
             "vision_warmup_minutes",
             "sam_warmup_minutes",
+            "warmup_images",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")  # fmt: skip
@@ -284,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "export-model", action="store_true", help="full training: write OUT/model")
     _add(
         p,
+        "warmup-images",
+        type=int,
+        default=0,
+        help="the encoder warm-ups draw from the first N training images only (0 = all): a "
+        "time-budgeted warm-up spends its first pass decoding every image it meets, so a large "
+        "set leaves it fewer steps",
+    )
+    _add(
+        p,
         "vision-warmup-minutes",
         type=float,
         default=0.0,
@@ -387,4 +398,5 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         vision_warmup_minutes=args.vision_warmup_minutes,
         sam_warmup_minutes=args.sam_warmup_minutes,
         freeze_encoders=args.freeze_encoders,
+        warmup_images=args.warmup_images,
     )

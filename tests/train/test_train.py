@@ -284,3 +284,17 @@ def test_image_store_keeps_the_most_recent_images_up_to_its_size(dataset, tiny_l
     assert list(store._items) == kept
     assert store.get(data[0]) is first
     assert store.get(data[1]) is not None and len(store._items) == 2
+
+
+def test_warmup_samples_come_from_the_first_images_only(dataset):
+    from lisa_demo.data.reasonseg import ReasonSegDataset
+    from lisa_demo.train.loop import warmup_samples
+
+    data = ReasonSegDataset(dataset / "train", queries="all")
+    images = [r.image_path for r in data.records]
+    everything = warmup_samples(data, len(data))
+    assert [s.query for s in everything] == [data[i].query for i in range(len(data))]
+    two = warmup_samples(data, len(data), images=2)
+    assert {s.record.image_path for s in two} == set(images[:2])
+    # every query of those two images is kept (queries="all" gives several per image)
+    assert len(two) == sum(len(r.queries) for r in data.records[:2]) > 2
