@@ -90,6 +90,7 @@ class TrainRequest:
     quantization: str = PRESET_DEFAULT
     eval_every: int = 0
     explained_answers: bool = False  # synthetic answers go on to describe the target
+    pointing_weight: float = 0.0  # the pointing loss (0 = off); see lisa_demo.model
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -108,6 +109,8 @@ class TrainRequest:
             raise RunError("choose at least one LoRA target, e.g. q_proj and v_proj")
         if self.exclude_concept and self.exclude_concept == self.focus_concept:
             raise RunError("a concept cannot be both held out and focused on")
+        if not self.pointing_weight >= 0:  # also refuses NaN
+            raise RunError(f"the pointing loss weight must be >= 0, got {self.pointing_weight}")
 
     def trainer_args(self, output_dir: Path, dataset: Path | None) -> list[str]:
         """The trainer's command-line arguments (without the launcher)."""
@@ -136,6 +139,8 @@ class TrainRequest:
         args += ["--max-train-samples", str(int(self.max_train_samples))]
         args += ["--max-val-samples", str(int(self.max_val_samples))]
         args += ["--lr-scheduler", self.lr_scheduler, "--eval-every", str(int(self.eval_every))]
+        if self.pointing_weight > 0:
+            args += ["--pointing-weight", repr(float(self.pointing_weight))]
         if self.precision != PRESET_DEFAULT:
             args += ["--precision", self.precision]
         if self.quantization != PRESET_DEFAULT:

@@ -46,7 +46,7 @@ NO_CONCEPT = "none"
 DEFAULT_RUN = {
     "scenes": 400, "focus": "heart", "max_steps": 600, "learning_rate": 1e-3,
     "batch_size": 8, "eval_every": 200, "max_val_samples": 40, "lora_rank": 16,
-    "lora_targets": list(LORA_TARGETS), "explained_answers": True,
+    "lora_targets": list(LORA_TARGETS), "explained_answers": True, "pointing_weight": 0.0,
 }  # fmt: skip
 NO_RUN = "No training run yet. Choose data and settings, then press Start."
 ZIP_HELP = (
@@ -149,6 +149,7 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
         quantization: str = PRESET_DEFAULT,
         eval_every: float = 0,
         explained_answers: bool = False,
+        pointing_weight: float = 0.0,
     ) -> Iterator[tuple]:
         if source == "folder" and not settings.allow_server_paths:
             raise gr.Error("Server folders are disabled; upload a .zip instead.")
@@ -176,6 +177,7 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
                 quantization=quantization,
                 eval_every=int(eval_every or 0),
                 explained_answers=bool(explained_answers),
+                pointing_weight=float(pointing_weight or 0),
             )
             manager.start(settings, request)
         except (RunBusy, RunError) as err:
@@ -348,6 +350,13 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
                         DEFAULT_RUN["learning_rate"], label="Learning rate", minimum=0
                     )
                     scheduler = gr.Dropdown(list(SCHEDULERS), value="cosine", label="Scheduler")
+                    pointing = gr.Number(
+                        DEFAULT_RUN["pointing_weight"],
+                        label="Pointing loss weight",
+                        info="teaches the [SEG] state to attend to its target's image patches; "
+                        "0 = off",
+                        minimum=0,
+                    )
                 with gr.Row():
                     lora_rank = gr.Number(
                         DEFAULT_RUN["lora_rank"], label="LoRA rank", precision=0, minimum=1
@@ -453,6 +462,7 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
             quantization,
             eval_every,
             explained,
+            pointing,
         ],  # fmt: skip
         outputs=outputs,
         api_name="train",
