@@ -88,6 +88,9 @@ class ModelConfig:
     # reference trained both matrices whole). A word the base never learned, such as a new
     # concept's name, needs its own row to mean anything.
     train_tokens: tuple[str, ...] = ()
+    # LoRA fine-tunes also train LLaVA's multimodal projector (not in LISA, which keeps it
+    # frozen): the image features can then change for what the base never saw.
+    train_projector: bool = False
     gradient_checkpointing: bool = False
     train_all: bool = False  # pretraining: every weight trains (vision tower, SAM encoder too)
     random_weights: bool = False  # build the architecture with random weights, no download
@@ -118,6 +121,8 @@ class ModelConfig:
                 raise ConfigError("--train-tokens takes words, got an empty one")
         if self.train_tokens and not self.use_lora:
             raise ConfigError("--train-tokens trains token rows with LoRA; it needs --use-lora")
+        if self.train_projector and self.train_all:
+            raise ConfigError("--train-projector is for fine-tunes; --train-all trains it anyway")
         if self.train_all and (self.use_lora or self.quantization != "none"):
             raise ConfigError("full training (train_all) needs quantization none and no LoRA")
 

@@ -76,6 +76,7 @@ class LoadedLisa:
             "seg_token_id": self.seg_token_id,
             "lora": lora,
             "train_all": cfg.train_all,
+            "train_projector": cfg.train_projector,
             "quantization": cfg.quantization,
             "precision": cfg.precision,
             **extra,
@@ -394,6 +395,8 @@ def set_trainable(model: LisaModel, cfg: ModelConfig, for_training: bool) -> Non
             model.llava.requires_grad_(False)
         model.sam.requires_grad_(False)
         model.sam.mask_decoder.requires_grad_(True)
+        if cfg.train_projector:
+            model.base_llava.model.multi_modal_projector.requires_grad_(True)
     model.text_hidden_fcs.requires_grad_(True)
     for head in (model.seg_word_head, model.target_head, model.description_prompts):
         if head is not None:  # training-only heads (--seg-word-weight, --target-weight)
@@ -404,6 +407,8 @@ def set_trainable(model: LisaModel, cfg: ModelConfig, for_training: bool) -> Non
 def _apply_checkpoint_settings(cfg: ModelConfig, manifest: dict) -> ModelConfig:
     if manifest.get("train_all"):
         cfg = cfg.replace(train_all=True, use_lora=False)
+    if manifest.get("train_projector"):
+        cfg = cfg.replace(train_projector=True)
     lora = manifest.get("lora")
     if lora:
         cfg = cfg.replace(

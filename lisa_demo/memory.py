@@ -13,7 +13,8 @@ Weights
     + an fp32 absmax per 256 blocks = 4.127 bits, for the language model's Linear layers.
     8-bit: 1 byte per weight + an fp32 scale per output row. Everything else (vision tower,
     projector, embeddings, lm_head, norms, SAM) in the compute dtype.
-Training state (trainable = LoRA A/B, the [SEG] rows, the projection, SAM's mask decoder)
+Training state (trainable = LoRA A/B, the [SEG] rows, the projection, SAM's mask decoder, and
+    LLaVA's multimodal projector with --train-projector: its frozen copy is counted in b as well)
     fp32 master weights (the loop upcasts them), fp32 gradients, optimizer state
     (AdamW: two fp32 moments = 8 bytes; paged 8-bit AdamW: two 1-byte moments = 2 bytes).
 Activations of one training step (LoRA; the frozen 4-bit base saves no inputs, only
@@ -55,6 +56,7 @@ Overhead
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import asdict, dataclass
@@ -87,6 +89,7 @@ class ArchitectureCounts:
     sam_decoder: int  # SAM mask decoder (trained)
     projection: int  # text_hidden_fcs (trained)
     lora: int  # LoRA A and B of the adapted projections (trained); 0 without LoRA
+    projector: int  # LLaVA's multimodal projector when it trains (--train-projector), else 0
     seg_rows: int  # the [SEG] rows of embed_tokens and lm_head (trained with LoRA), and those
     # of --train-tokens words (one token each assumed)
     lora_inputs_per_layer: int  # summed in-features of the LoRA layers of one LM layer
@@ -106,7 +109,7 @@ class ArchitectureCounts:
 
     @property
     def trainable(self) -> int:
-        return self.lora + self.seg_rows + self.projection + self.sam_decoder
+        return self.lora + self.seg_rows + self.projection + self.sam_decoder + self.projector
 
 
 @dataclass(frozen=True)
@@ -268,7 +271,8 @@ def count_parameters(cfg: ModelConfig, sam_variant: str | None = None) -> Archit
     llava_config, sam_config = architecture_configs(cfg, sam_variant)
     rows = 1 + len(cfg.train_tokens)  # [SEG] and each trained word
     lora = (cfg.lora_r, cfg.lora_target_regex(), rows) if cfg.use_lora else None
-    return _count(llava_config.to_json_string(), sam_config.to_json_string(), lora)
+    counts = _count(llava_config.to_json_string(), sam_config.to_json_string(), lora)
+    return counts if cfg.train_projector else dataclasses.replace(counts, projector=0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -315,6 +319,7 @@ def _count(llava_json: str, sam_json: str, lora: tuple[int, str, int] | None) ->
         sam_decoder=decoder,
         projection=hidden * hidden + hidden + hidden * prompt_size + prompt_size,
         lora=lora_params,
+        projector=sum(p.numel() for p in llava.model.multi_modal_projector.parameters()),
         seg_rows=2 * hidden * lora[2] if lora is not None else 0,
         lora_inputs_per_layer=lora_inputs // text.num_hidden_layers,
         hidden=hidden,

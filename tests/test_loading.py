@@ -182,3 +182,34 @@ def test_train_tokens_train_their_rows_and_reload_from_the_checkpoint(tmp_path, 
     torch.testing.assert_close(again, after)
     with pytest.raises(ConfigError, match="needs --use-lora"):
         preset("tiny-random").replace(train_tokens=("heart",))
+
+
+def test_train_projector_trains_llava_projector_and_reloads_it(tmp_path, make_inputs):
+    """--train-projector: the multimodal projector trains with LoRA, the manifest says so,
+    and a checkpoint brings its weights back (for inference and for resuming)."""
+    cfg = preset("tiny-random").replace(use_lora=True, train_projector=True)
+    loaded = load_lisa(cfg, device="cpu", for_training=True)
+    projector = loaded.model.base_llava.model.multi_modal_projector
+    assert all(p.requires_grad for p in projector.parameters())
+    plain = load_lisa(preset("tiny-random").replace(use_lora=True), device="cpu", for_training=True)
+    assert not any(
+        p.requires_grad for p in plain.model.base_llava.model.multi_modal_projector.parameters()
+    )
+    weight = next(projector.parameters())
+    before = weight.detach().clone()
+    inputs = make_inputs(loaded, np.zeros((32, 32, 3), dtype=np.uint8), "where?", "[SEG].")
+    loaded.model(**inputs).ce_loss.backward()
+    torch.optim.SGD(list(projector.parameters()), lr=10.0).step()
+    assert not torch.equal(before, weight.detach())
+    folder = save_checkpoint(tmp_path / "ckpt", loaded.model, loaded.manifest())
+    assert read_manifest(folder)["train_projector"] is True
+    reloaded = load_lisa(preset("tiny-random"), checkpoint=folder, device="cpu")
+    assert reloaded.config.train_projector
+    again = next(reloaded.model.base_llava.model.multi_modal_projector.parameters())
+    torch.testing.assert_close(again, weight.detach())
+    resumed = load_lisa(preset("tiny-random"), checkpoint=folder, device="cpu", for_training=True)
+    assert all(
+        p.requires_grad for p in resumed.model.base_llava.model.multi_modal_projector.parameters()
+    )
+    with pytest.raises(ConfigError, match="--train-projector is for fine-tunes"):
+        preset("tiny-random").replace(train_all=True, use_lora=False, train_projector=True)

@@ -23,7 +23,7 @@ from lisa_demo.memory import (
 # A small, fake model whose every byte is worked out by hand below.
 FAKE = ArchitectureCounts(
     quantizable=1000, quantizable_rows=10, largest_quantizable=192, llava_other=200,
-    sam_frozen=100, sam_decoder=30, projection=20, lora=40, seg_rows=10,
+    sam_frozen=100, sam_decoder=30, projection=20, lora=40, projector=0, seg_rows=10,
     lora_inputs_per_layer=16, hidden=8, intermediate=24, layers=2, kv_dim=8, vocab=50,
     image_tokens=4, sam_width=4, sam_heads=2, sam_grid=4, sam_image_size=16,
     sam_embedding_channels=4, decoder_width=4, vision_feature_dim=8,
@@ -156,6 +156,11 @@ def test_llava_1_5_7b_counts_come_from_the_architecture():
     assert count_parameters(preset("llava-1.5-7b").replace(lora_r=16), "base").lora == (
         2 * counts.lora
     )
+    # --train-projector: CLIP-L's 1024-wide features -> 4096 -> 4096, two Linear layers
+    assert counts.projector == 0
+    projector = count_parameters(preset("llava-1.5-7b").replace(train_projector=True), "base")
+    assert projector.projector == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert projector.trainable - counts.trainable == projector.projector
 
 
 def test_7b_qlora_estimate_orders_its_options():

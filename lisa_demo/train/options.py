@@ -196,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WORD",
         help="words whose embedding and output rows train with LoRA (a new concept's name)",
     )
+    _add(
+        p,
+        "train-projector",
+        action="store_true",
+        help="also train LLaVA's multimodal projector (frozen in LISA); the vision-feature "
+        "cache is then off",
+    )
     _add(p, "train-all", action="store_true", help="pretraining: every weight trains")
     _add(p, "gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     _add(p, "epochs", type=int, default=1)
@@ -343,6 +350,8 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         changes["lora_targets"] = args.lora_targets  # ModelConfig makes lists tuples
     if args.train_tokens:
         changes["train_tokens"] = args.train_tokens
+    if args.train_projector:
+        changes["train_projector"] = True
     if args.train_all:
         changes.update(train_all=True, use_lora=False, quantization="none")
     elif "use_lora" not in changes:
