@@ -91,6 +91,7 @@ class TrainRequest:
     eval_every: int = 0
     explained_answers: bool = False  # synthetic answers go on to describe the target
     pointing_weight: float = 0.0  # the pointing loss (0 = off); see lisa_demo.model
+    train_projector: bool = False  # LLaVA's multimodal projector trains too
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -139,6 +140,8 @@ class TrainRequest:
         args += ["--max-train-samples", str(int(self.max_train_samples))]
         args += ["--max-val-samples", str(int(self.max_val_samples))]
         args += ["--lr-scheduler", self.lr_scheduler, "--eval-every", str(int(self.eval_every))]
+        if self.train_projector:
+            args += ["--train-projector"]
         if self.pointing_weight > 0:
             args += ["--pointing-weight", repr(float(self.pointing_weight))]
         if self.precision != PRESET_DEFAULT:

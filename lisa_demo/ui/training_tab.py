@@ -44,9 +44,10 @@ NO_CONCEPT = "none"
 # The default run teaches the bundled model the concept its pretraining left out (a short
 # LoRA fine-tune on CPU; the model card gives its before/after numbers).
 DEFAULT_RUN = {
-    "scenes": 400, "focus": "heart", "max_steps": 600, "learning_rate": 1e-3,
-    "batch_size": 8, "eval_every": 200, "max_val_samples": 40, "lora_rank": 16,
+    "scenes": 400, "focus": "heart", "max_steps": 420, "learning_rate": 1e-3,
+    "batch_size": 8, "eval_every": 140, "max_val_samples": 40, "lora_rank": 16,
     "lora_targets": list(LORA_TARGETS), "explained_answers": True, "pointing_weight": 0.0,
+    "train_projector": True,
 }  # fmt: skip
 NO_RUN = "No training run yet. Choose data and settings, then press Start."
 ZIP_HELP = (
@@ -150,6 +151,7 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
         eval_every: float = 0,
         explained_answers: bool = False,
         pointing_weight: float = 0.0,
+        train_projector: bool = False,
     ) -> Iterator[tuple]:
         if source == "folder" and not settings.allow_server_paths:
             raise gr.Error("Server folders are disabled; upload a .zip instead.")
@@ -178,6 +180,7 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
                 eval_every=int(eval_every or 0),
                 explained_answers=bool(explained_answers),
                 pointing_weight=float(pointing_weight or 0),
+                train_projector=bool(train_projector),
             )
             manager.start(settings, request)
         except (RunBusy, RunError) as err:
@@ -198,6 +201,7 @@ def training_model_config(
     precision: str,
     lora_rank: int,
     lora_targets: tuple[str, ...],
+    train_projector: bool = False,
 ) -> ModelConfig:
     """The model configuration a run started with these settings trains (LoRA, as the trainer
     does by default; the app's own LLaVA/SAM overrides when it is the app's preset)."""
@@ -205,6 +209,7 @@ def training_model_config(
         "use_lora": True,
         "lora_r": lora_rank,
         "lora_targets": lora_targets,
+        "train_projector": train_projector,
     }
     if precision != PRESET_DEFAULT:
         changes["precision"] = precision
@@ -241,8 +246,9 @@ def memory_markdown(estimate: MemoryEstimate, cfg: ModelConfig, preset_name: str
         _plan_row("Inference", estimate.inference),
         "",
         f"{preset_name}: {weights}, {setting['precision']}, LoRA rank {setting['lora_r']} on "
-        f"{targets}, {setting['seq_len']} tokens per sample, gradient checkpointing "
-        f"{checkpointing}, AdamW. The card must hold the peak plus the CUDA context (0.5 GiB) "
+        f"{targets}{', the image projector' if cfg.train_projector else ''}, "
+        f"{setting['seq_len']} tokens per sample, gradient checkpointing {checkpointing}, "
+        "AdamW. The card must hold the peak plus the CUDA context (0.5 GiB) "
         "and 10% allocator slack.",
     ]
     if preset_name in TINY_PRESETS:
@@ -260,6 +266,7 @@ def make_memory_handler(settings: AppSettings):
         lora_rank: float | None = 8,
         lora_targets: list[str] | None = None,
         batch_size: float | None = 2,
+        train_projector: bool = False,
     ) -> str:
         if not lora_rank or lora_rank < 1:
             return f"{MEMORY_TITLE}: set a LoRA rank of at least 1."
@@ -270,7 +277,7 @@ def make_memory_handler(settings: AppSettings):
         try:
             cfg = training_model_config(
                 settings, preset_name, quantization, precision, int(lora_rank),
-                tuple(lora_targets),
+                tuple(lora_targets), bool(train_projector),
             )  # fmt: skip
             estimate = estimate_memory(cfg, batch_size=int(batch_size))
         except ConfigError as err:
@@ -364,6 +371,12 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
                     lora_targets = gr.CheckboxGroup(
                         list(LORA_TARGETS), value=DEFAULT_RUN["lora_targets"], label="LoRA targets"
                     )
+                    projector = gr.Checkbox(
+                        DEFAULT_RUN["train_projector"],
+                        label="Train the image projector too",
+                        info="LLaVA's vision-to-text projector (frozen in LISA); helps a concept "
+                        "the base never saw",
+                    )
                 with gr.Row():
                     batch_size = gr.Number(
                         DEFAULT_RUN["batch_size"], label="Batch size", precision=0, minimum=1
@@ -430,7 +443,7 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
     gr.on(
         None,  # on page load and whenever one of the inputs changes
         make_memory_handler(settings),
-        inputs=[preset, quantization, precision, lora_rank, lora_targets, batch_size],
+        inputs=[preset, quantization, precision, lora_rank, lora_targets, batch_size, projector],
         outputs=memory,
         api_visibility="private",
         trigger_mode="always_last",
@@ -463,6 +476,7 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
             eval_every,
             explained,
             pointing,
+            projector,
         ],  # fmt: skip
         outputs=outputs,
         api_name="train",

@@ -57,12 +57,15 @@ def test_train_request_builds_the_trainer_contract_flags(tmp_path: Path) -> None
     ):
         assert flag in args  # fmt: skip
     assert "--train-tokens" not in args and "--synthetic-explanations" not in args
-    assert "--pointing-weight" not in args  # off unless asked for
-    focused = TrainRequest(focus_concept="heart", explained_answers=True, pointing_weight=2.0)
+    assert "--pointing-weight" not in args and "--train-projector" not in args
+    focused = TrainRequest(
+        focus_concept="heart", explained_answers=True, pointing_weight=2.0, train_projector=True
+    )
     focused = focused.trainer_args(tmp_path, None)
     assert " ".join(focused).count("--focus-concept heart --train-tokens heart") == 1
     assert "--synthetic-explanations" in focused
     assert focused[focused.index("--pointing-weight") + 1] == "2.0"
+    assert "--train-projector" in focused
     by_epochs = TrainRequest(length="epochs", epochs=2).trainer_args(tmp_path, tmp_path / "data")
     assert "--epochs" in by_epochs and "--max-steps" not in by_epochs
     assert by_epochs[by_epochs.index("--dataset") + 1] == str(tmp_path / "data")

@@ -58,6 +58,10 @@ def test_quantization_precision_and_lora_settings_change_the_estimate(estimate) 
     for other in others:
         assert _row(other, "Training step") != _row(base, "Training step")
     assert "no quantization" in others[0] and "more than 24 GB" not in base
+    # the projector's 21 M weights get fp32 master weights, gradients and AdamW state
+    projector = estimate("llava-1.5-7b", PRESET_DEFAULT, PRESET_DEFAULT, 8, TARGETS, 1, True)
+    assert "the image projector" in projector and "the image projector" not in base
+    assert _row(projector, "Training step") != _row(base, "Training step")
 
 
 @pytest.mark.parametrize(
@@ -88,7 +92,7 @@ def test_estimate_runs_on_load_and_on_every_setting_change(tmp_path: Path) -> No
     events = {event for _, event in block_fn.targets}
     assert "load" in events
     labels = {"Model preset", "Quantization", "Precision", "LoRA rank", "LoRA targets",
-              "Batch size"}  # fmt: skip
+              "Batch size", "Train the image projector too"}  # fmt: skip
     assert {component.label for component in block_fn.inputs} == labels
     changed = {target for target, event in block_fn.targets if event == "change"}
     assert changed == {component._id for component in block_fn.inputs}
