@@ -45,10 +45,10 @@ python -m lisa_demo.eval --dataset runs/heart-word-eval/val --model-only --prese
 # 5. The Training tab's default run: LoRA fine-tune on scenes whose targets are hearts.
 rm -rf runs/heart-finetune
 python -m lisa_demo.train --preset tiny --synthetic 400 --synthetic-seed 11 \
-  --focus-concept heart --train-tokens heart --synthetic-explanations --max-steps 600 \
-  --batch-size 8 --learning-rate 1e-3 --lora-r 16 \
+  --focus-concept heart --train-tokens heart --train-projector --synthetic-explanations \
+  --max-steps 420 --batch-size 8 --learning-rate 1e-3 --lora-r 16 \
   --lora-targets q_proj k_proj v_proj o_proj gate_proj up_proj down_proj \
-  --lr-scheduler cosine --eval-every 200 --max-val-samples 40 --output-dir runs/heart-finetune
+  --lr-scheduler cosine --eval-every 140 --max-val-samples 40 --output-dir runs/heart-finetune
 python -m lisa_demo.eval --dataset runs/heart-eval/val --preset tiny \
   --checkpoint runs/heart-finetune/checkpoints/best --per-sample runs/heart-after-per-sample.json
 python -m lisa_demo.eval --dataset runs/heart-word-eval/val --preset tiny \
