@@ -44,8 +44,8 @@ NO_CONCEPT = "none"
 # The default run teaches the bundled model the concept its pretraining left out (a short
 # LoRA fine-tune on CPU; the model card gives its before/after numbers).
 DEFAULT_RUN = {
-    "scenes": 400, "focus": "heart", "max_steps": 420, "learning_rate": 1e-3,
-    "batch_size": 8, "eval_every": 140, "max_val_samples": 40, "lora_rank": 16,
+    "scenes": 400, "focus": "heart", "max_steps": 420, "learning_rate": 7e-4,
+    "batch_size": 8, "eval_every": 210, "max_val_samples": 40, "lora_rank": 16,
     "lora_targets": list(LORA_TARGETS), "explained_answers": True, "pointing_weight": 0.0,
     "train_projector": True,
 }  # fmt: skip
