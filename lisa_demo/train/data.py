@@ -47,10 +47,13 @@ def _target_classes(record) -> tuple[int, int, int, int] | None:
     return target_classes(annotation) if isinstance(annotation, dict) else None
 
 
+IMAGE_STORE_SIZE = 4096  # default number of preprocessed images kept in memory
+
+
 class ImageStore:
     """Decoded, preprocessed images and rasterised masks, bounded LRU by count."""
 
-    def __init__(self, processor, sam_processor, capacity: int = 4096) -> None:
+    def __init__(self, processor, sam_processor, capacity: int = IMAGE_STORE_SIZE) -> None:
         self.processor = processor
         self.sam_processor = sam_processor
         self.capacity = capacity
@@ -106,7 +109,7 @@ class SampleBatcher:
         sam_processor,
         seed: int = 0,
         explanation_lead: float = 0.0,
-        image_capacity: int = 4096,
+        image_capacity: int = IMAGE_STORE_SIZE,
     ) -> None:
         self.images = ImageStore(processor, sam_processor, capacity=image_capacity)
         self.text = TextEncoder(processor, explanation_lead)

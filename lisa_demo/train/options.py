@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "image-store-size",
         type=int,
-        default=4096,
+        default=TrainConfig.image_store_size,
         help="decoded, preprocessed training images kept in memory (LRU; about 1.1 MB each on "
         "the tiny model). Set it to the number of training images when memory allows: past "
         "it, every epoch decodes and preprocesses images again",
