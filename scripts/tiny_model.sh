@@ -46,9 +46,9 @@ python -m lisa_demo.eval --dataset runs/heart-word-eval/val --model-only --prese
 rm -rf runs/heart-finetune
 python -m lisa_demo.train --preset tiny --synthetic 400 --synthetic-seed 11 \
   --focus-concept heart --train-tokens heart --train-projector --synthetic-explanations \
-  --max-steps 420 --batch-size 8 --learning-rate 7e-4 --lora-r 16 \
+  --max-steps 540 --batch-size 8 --learning-rate 7e-4 --lora-r 16 --lora-dropout 0 \
   --lora-targets q_proj k_proj v_proj o_proj gate_proj up_proj down_proj \
-  --lr-scheduler cosine --eval-every 210 --max-val-samples 40 --output-dir runs/heart-finetune
+  --lr-scheduler cosine --eval-every 270 --max-val-samples 40 --output-dir runs/heart-finetune
 python -m lisa_demo.eval --dataset runs/heart-eval/val --preset tiny \
   --checkpoint runs/heart-finetune/checkpoints/best --per-sample runs/heart-after-per-sample.json
 python -m lisa_demo.eval --dataset runs/heart-word-eval/val --preset tiny \

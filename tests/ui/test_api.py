@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 import zipfile
 from pathlib import Path
@@ -214,6 +215,17 @@ def test_train_streams_updates_and_ends_with_checkpoints(
     assert names == [f"{run_id}-best.zip", f"{run_id}-last.zip"]
     with zipfile.ZipFile(final[CHECKPOINTS][0]["path"]) as zf:
         assert any(name.endswith("manifest.json") for name in zf.namelist())
+
+    # The page's other defaults are the model card's fine-tune, and they reach the trainer.
+    events = fake_app.settings.runs_dir / run_id / "events.jsonl"
+    argv = " ".join(json.loads(events.read_text().splitlines()[0])["config"]["argv"])
+    for flags in (
+        "--synthetic 400 --focus-concept heart --train-tokens heart --synthetic-explanations",
+        "--learning-rate 0.0007 --lora-r 16 --lora-targets q_proj k_proj v_proj o_proj "
+        "gate_proj up_proj down_proj --lora-dropout 0.0 --batch-size 8",
+        "--train-projector",
+    ):
+        assert flags in argv
 
     # The run's checkpoints are now models of the Inference tab.
     folder = fake_app.settings.runs_dir / run_id / "checkpoints" / "best"

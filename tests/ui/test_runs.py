@@ -58,14 +58,20 @@ def test_train_request_builds_the_trainer_contract_flags(tmp_path: Path) -> None
         assert flag in args  # fmt: skip
     assert "--train-tokens" not in args and "--synthetic-explanations" not in args
     assert "--pointing-weight" not in args and "--train-projector" not in args
+    assert args[args.index("--lora-dropout") + 1] == "0.05"  # the trainer's own default
     focused = TrainRequest(
-        focus_concept="heart", explained_answers=True, pointing_weight=2.0, train_projector=True
+        focus_concept="heart",
+        explained_answers=True,
+        pointing_weight=2.0,
+        train_projector=True,
+        lora_dropout=0.0,
     )
     focused = focused.trainer_args(tmp_path, None)
     assert " ".join(focused).count("--focus-concept heart --train-tokens heart") == 1
     assert "--synthetic-explanations" in focused
     assert focused[focused.index("--pointing-weight") + 1] == "2.0"
     assert "--train-projector" in focused
+    assert focused[focused.index("--lora-dropout") + 1] == "0.0"
     by_epochs = TrainRequest(length="epochs", epochs=2).trainer_args(tmp_path, tmp_path / "data")
     assert "--epochs" in by_epochs and "--max-steps" not in by_epochs
     assert by_epochs[by_epochs.index("--dataset") + 1] == str(tmp_path / "data")
@@ -81,6 +87,9 @@ def test_train_request_builds_the_trainer_contract_flags(tmp_path: Path) -> None
         ({"exclude_concept": "red", "focus_concept": "red"}, "both"),
         ({"pointing_weight": -1.0}, "pointing loss weight"),
         ({"pointing_weight": float("nan")}, "pointing loss weight"),
+        ({"lora_dropout": -0.1}, "LoRA dropout"),
+        ({"lora_dropout": 1.0}, "LoRA dropout"),
+        ({"lora_dropout": float("nan")}, "LoRA dropout"),
     ],
 )
 def test_train_request_refuses_nonsense(fields: dict, message: str) -> None:
