@@ -102,6 +102,8 @@ def model_config(args: argparse.Namespace, notes: list[str]) -> ModelConfig:
             changes[field] = getattr(args, field)
     if args.lora_r is not None:
         changes.update(lora_r=args.lora_r, use_lora=True)
+    if args.lora_dropout is not None:
+        changes["lora_dropout"] = args.lora_dropout
     return cfg.replace(**changes) if changes else cfg
 
 
@@ -362,6 +364,7 @@ def measure_training(cfg: ModelConfig, device, batch_size: int, steps: int, repe
         "steps_per_block": len(batches),
         "seq_len": max(lengths),
         "lora": train_cfg.use_lora,
+        "lora_dropout": train_cfg.lora_dropout,
         "gradient_checkpointing": train_cfg.gradient_checkpointing,
         "cached_samples_per_s": median(with_cache),
         "uncached_samples_per_s": median(without_cache),
@@ -562,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=QUANTIZATIONS)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--lora-r", type=int, help="LoRA rank (turns LoRA on)")
+    p.add_argument(
+        "--lora-dropout", type=float,
+        help="LoRA dropout of the training figures (default: the preset's, 0.05)",
+    )  # fmt: skip
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction)
     p.add_argument("--batch-size", type=int, help="training batch (bench: 2, estimate: 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")

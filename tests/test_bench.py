@@ -9,10 +9,11 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from lisa_demo import bench
-from lisa_demo.config import IMAGE_TOKEN, preset
+from lisa_demo.config import IMAGE_TOKEN, ConfigError, preset
 from lisa_demo.infer.pipeline import LisaPipeline
 from lisa_demo.inputs import image_token_count
 
@@ -177,6 +178,15 @@ def test_default_preset_falls_back_to_tiny_random_when_the_bundle_is_missing(mon
     notes: list[str] = []
     cfg = bench.model_config(bench.build_parser().parse_args([]), notes)
     assert cfg.build_tiny and "tiny-random" in notes[0]
+
+
+def test_lora_dropout_reaches_the_training_config_and_is_checked():
+    parser = bench.build_parser()
+    assert bench.model_config(parser.parse_args([]), []).lora_dropout == 0.05
+    cfg = bench.model_config(parser.parse_args(["--lora-dropout", "0"]), [])
+    assert cfg.lora_dropout == 0.0
+    with pytest.raises(ConfigError, match="lora-dropout"):
+        bench.model_config(parser.parse_args(["--lora-dropout", "1.5"]), [])
 
 
 def test_random_weights_and_sam_choice_need_a_full_size_preset():
