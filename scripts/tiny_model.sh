@@ -33,6 +33,9 @@ fi
 # is the shape next to a named reference, whatever its kind).
 [ -d runs/heart-word-eval ] || python -m lisa_demo.data.synthetic --out runs/heart-word-eval \
   --train 0 --val 100 --seed 4343 --focus-concept heart --families attribute superlative uniqueness
+# The same kind of queries, 300 of them from another seed: a closer estimate of the same score.
+[ -d runs/heart-word-eval300 ] || python -m lisa_demo.data.synthetic --out runs/heart-word-eval300 \
+  --train 0 --val 300 --seed 4444 --focus-concept heart --families attribute superlative uniqueness
 
 # 4. LISA protocol (first query per image, teacher-forced "[SEG].") and the [SEG] rate.
 python -m lisa_demo.eval --dataset runs/heldout/val --model-only --preset tiny --seg-rate 250 \
@@ -41,15 +44,18 @@ python -m lisa_demo.eval --dataset runs/heart-eval/val --model-only --preset tin
   --per-sample runs/heart-before-per-sample.json
 python -m lisa_demo.eval --dataset runs/heart-word-eval/val --model-only --preset tiny \
   --per-sample runs/heart-word-before-per-sample.json
+python -m lisa_demo.eval --dataset runs/heart-word-eval300/val --model-only --preset tiny
 
 # 5. The Training tab's default run: LoRA fine-tune on scenes whose targets are hearts.
 rm -rf runs/heart-finetune
 python -m lisa_demo.train --preset tiny --synthetic 400 --synthetic-seed 11 \
   --focus-concept heart --train-tokens heart --train-projector --synthetic-explanations \
-  --max-steps 540 --batch-size 8 --learning-rate 7e-4 --lora-r 16 --lora-dropout 0 \
+  --max-steps 420 --batch-size 8 --learning-rate 7e-4 --lora-r 16 \
   --lora-targets q_proj k_proj v_proj o_proj gate_proj up_proj down_proj \
-  --lr-scheduler cosine --eval-every 270 --max-val-samples 40 --output-dir runs/heart-finetune
+  --lr-scheduler cosine --eval-every 210 --max-val-samples 40 --output-dir runs/heart-finetune
 python -m lisa_demo.eval --dataset runs/heart-eval/val --preset tiny \
   --checkpoint runs/heart-finetune/checkpoints/best --per-sample runs/heart-after-per-sample.json
 python -m lisa_demo.eval --dataset runs/heart-word-eval/val --preset tiny \
   --checkpoint runs/heart-finetune/checkpoints/best --per-sample runs/heart-word-after-per-sample.json
+python -m lisa_demo.eval --dataset runs/heart-word-eval300/val --preset tiny \
+  --checkpoint runs/heart-finetune/checkpoints/best

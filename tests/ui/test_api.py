@@ -222,7 +222,7 @@ def test_train_streams_updates_and_ends_with_checkpoints(
     for flags in (
         "--synthetic 400 --focus-concept heart --train-tokens heart --synthetic-explanations",
         "--learning-rate 0.0007 --lora-r 16 --lora-targets q_proj k_proj v_proj o_proj "
-        "gate_proj up_proj down_proj --lora-dropout 0.0 --batch-size 8",
+        "gate_proj up_proj down_proj --lora-dropout 0.05 --batch-size 8",
         "--train-projector",
     ):
         assert flags in argv
