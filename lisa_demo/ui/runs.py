@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lisa_demo.config import PROJECT_ROOT
+from lisa_demo.config import PROJECT_ROOT, ModelConfig
 from lisa_demo.ui.archive import ArchiveError, check_dataset, prepare_uploaded_dataset
 from lisa_demo.ui.models import RUN_INFO_FILE
 from lisa_demo.ui.settings import AppSettings
@@ -92,7 +92,7 @@ class TrainRequest:
     explained_answers: bool = False  # synthetic answers go on to describe the target
     pointing_weight: float = 0.0  # the pointing loss (0 = off); see lisa_demo.model
     train_projector: bool = False  # LLaVA's multimodal projector trains too
-    lora_dropout: float = 0.05  # on each LoRA layer's input (peft); 0 saves its CPU time
+    lora_dropout: float = ModelConfig.lora_dropout  # on each LoRA layer's input (peft)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

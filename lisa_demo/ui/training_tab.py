@@ -47,7 +47,7 @@ DEFAULT_RUN = {
     "scenes": 400, "focus": "heart", "max_steps": 420, "learning_rate": 7e-4,
     "batch_size": 8, "eval_every": 210, "max_val_samples": 40, "lora_rank": 16,
     "lora_targets": list(LORA_TARGETS), "explained_answers": True, "pointing_weight": 0.0,
-    "train_projector": True, "lora_dropout": 0.05,
+    "train_projector": True, "lora_dropout": ModelConfig.lora_dropout,
 }  # fmt: skip
 NO_RUN = "No training run yet. Choose data and settings, then press Start."
 ZIP_HELP = (
@@ -152,7 +152,7 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
         explained_answers: bool = False,
         pointing_weight: float = 0.0,
         train_projector: bool = False,
-        lora_dropout: float = 0.05,
+        lora_dropout: float = TrainRequest.lora_dropout,
     ) -> Iterator[tuple]:
         if source == "folder" and not settings.allow_server_paths:
             raise gr.Error("Server folders are disabled; upload a .zip instead.")
