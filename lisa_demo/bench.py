@@ -102,6 +102,8 @@ def model_config(args: argparse.Namespace, notes: list[str]) -> ModelConfig:
             changes[field] = getattr(args, field)
     if args.lora_r is not None:
         changes.update(lora_r=args.lora_r, use_lora=True)
+    if args.lora_targets:
+        changes.update(lora_targets=tuple(args.lora_targets), use_lora=True)
     if args.lora_dropout is not None:
         changes["lora_dropout"] = args.lora_dropout
     return cfg.replace(**changes) if changes else cfg
@@ -324,6 +326,7 @@ def measure_training(cfg: ModelConfig, device, batch_size: int, steps: int, repe
     """
     import torch
 
+    from lisa_demo import cpu_speed
     from lisa_demo.loading import load_lisa
     from lisa_demo.train.data import EmbeddingCache
 
@@ -333,7 +336,9 @@ def measure_training(cfg: ModelConfig, device, batch_size: int, steps: int, repe
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # fp32 master weights, as in the loop
         p.data = p.data.float()
-    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, **cpu_speed.adamw_options(params)
+    )
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg.precision)
     with tempfile.TemporaryDirectory() as tmp:
         batches = training_batches(loaded, Path(tmp), batch_size, steps)
@@ -364,7 +369,10 @@ def measure_training(cfg: ModelConfig, device, batch_size: int, steps: int, repe
         "steps_per_block": len(batches),
         "seq_len": max(lengths),
         "lora": train_cfg.use_lora,
+        "lora_r": train_cfg.lora_r,
+        "lora_targets": list(train_cfg.lora_targets),
         "lora_dropout": train_cfg.lora_dropout,
+        "cpu_speedups": cpu_speed.enabled(),  # LISA_CPU_SPEEDUPS=0 measures without them
         "gradient_checkpointing": train_cfg.gradient_checkpointing,
         "cached_samples_per_s": median(with_cache),
         "uncached_samples_per_s": median(without_cache),
@@ -565,6 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=QUANTIZATIONS)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--lora-r", type=int, help="LoRA rank (turns LoRA on)")
+    p.add_argument(
+        "--lora-targets", nargs="+", metavar="PROJ",
+        help="LoRA targets of the training figures (default: the preset's, q_proj v_proj)",
+    )  # fmt: skip
     p.add_argument(
         "--lora-dropout", type=float,
         help="LoRA dropout of the training figures (default: the preset's, 0.05)",

@@ -189,6 +189,15 @@ def test_lora_dropout_reaches_the_training_config_and_is_checked():
         bench.model_config(parser.parse_args(["--lora-dropout", "1.5"]), [])
 
 
+def test_lora_targets_reach_the_training_config_and_are_checked():
+    parser = bench.build_parser()
+    assert bench.model_config(parser.parse_args([]), []).lora_targets == ("q_proj", "v_proj")
+    cfg = bench.model_config(parser.parse_args(["--lora-targets", "q_proj", "down_proj"]), [])
+    assert cfg.lora_targets == ("q_proj", "down_proj") and cfg.use_lora
+    with pytest.raises(ConfigError, match="q-proj"):
+        bench.model_config(parser.parse_args(["--lora-targets", "q-proj"]), [])
+
+
 def test_random_weights_and_sam_choice_need_a_full_size_preset():
     args = bench.build_parser().parse_args(["--preset", "llava-1.5-7b", "--random-weights",
                                             "--sam", "huge"])  # fmt: skip

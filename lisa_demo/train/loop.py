@@ -20,6 +20,7 @@ import torch
 
 from lisa_demo.checkpoint import save_checkpoint
 from lisa_demo.config import ConfigError
+from lisa_demo.cpu_speed import adamw_options
 from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
 from lisa_demo.loading import LoadedLisa, load_lisa, save_full_model
 from lisa_demo.train.data import EmbeddingCache, SampleBatcher, training_inputs
@@ -58,7 +59,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
                 "--optimizer paged_adamw_8bit needs bitsandbytes: pip install bitsandbytes"
             ) from err
         return bnb.optim.PagedAdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs, **adamw_options(params))
 
 
 def peak_memory_mb(device: torch.device) -> float:

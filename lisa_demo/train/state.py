@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_FILE = "trainer_state.json"
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
@@ -59,6 +60,13 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
         for g, c in zip(groups, current["param_groups"], strict=True)
     ):
         raise ValueError("the saved optimizer state does not match this model's trainable weights")
+    for group, now in zip(groups, current["param_groups"], strict=True):
+        # Hyperparameters come from the checkpoint; how the update runs (fused on a CPU, the
+        # default elsewhere) is this process's choice, so a run resumes on other hardware.
+        for key in _IMPLEMENTATION_KEYS:
+            group.pop(key, None)
+            if key in now:
+                group[key] = now[key]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
