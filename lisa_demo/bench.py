@@ -372,7 +372,8 @@ def measure_training(cfg: ModelConfig, device, batch_size: int, steps: int, repe
         "lora_r": train_cfg.lora_r,
         "lora_targets": list(train_cfg.lora_targets),
         "lora_dropout": train_cfg.lora_dropout,
-        "cpu_speedups": cpu_speed.enabled(),  # LISA_CPU_SPEEDUPS=0 measures without them
+        # CpuDropout and fused AdamW (CPU only; LISA_CPU_SPEEDUPS=0 measures without them)
+        "cpu_speedups": cpu_speed.enabled() and device.type == "cpu",
         "gradient_checkpointing": train_cfg.gradient_checkpointing,
         "cached_samples_per_s": median(with_cache),
         "uncached_samples_per_s": median(without_cache),
