@@ -35,16 +35,34 @@ from lisa_demo.train.state import (
 )
 
 
-def lr_at(step: int, total: int, warmup: int, kind: str, base: float) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then the schedule."""
+def lr_at(
+    step: int, total: int, warmup: int, kind: str, base: float, time_spent: float = 0.0
+) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then the schedule.
+
+    `time_spent` (0 to 1) is the share of the time budget the loop has used
+    (--schedule-by-time): the schedule then runs at the pace of whichever is further along,
+    the steps or the clock, so a run that the budget stops ends with its schedule done."""
     if warmup and step < warmup:
         return base * (step + 1) / warmup
     if kind == "constant" or total <= warmup:
         return base
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_spent))
     if kind == "linear":
         return base * (1.0 - progress)
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class _ScheduleClock:
+    """The share of the time between the LISA loop's start and the budget's deadline spent."""
+
+    def __init__(self, start: float, deadline: float | None) -> None:
+        self.start, self.deadline = start, deadline
+
+    def spent(self) -> float:
+        if self.deadline is None or self.deadline <= self.start:
+            return 0.0
+        return min(1.0, (time.monotonic() - self.start) / (self.deadline - self.start))
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -299,6 +317,7 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
     last_metrics: dict | None = None
     window_start, window_samples = time.monotonic(), 0
     run_start, start_step = time.monotonic(), progress.step
+    clock = _ScheduleClock(run_start, stop.deadline) if cfg.schedule_by_time else None
     model.train()
     done = progress.step >= total_steps
     while not done and progress.epoch < epochs:
@@ -333,7 +352,7 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
 
             # Phase 3: optimizer step with clipping and the scheduled learning rate.
             lr = lr_at(progress.step, total_steps, cfg.warmup_steps, cfg.lr_scheduler,
-                       cfg.learning_rate)  # fmt: skip
+                       cfg.learning_rate, clock.spent() if clock else 0.0)  # fmt: skip
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if cfg.max_grad_norm:

@@ -43,6 +43,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run the epochs
     max_minutes: float = 0.0  # wall-clock budget; 0 = none (stops like SIGTERM)
+    schedule_by_time: bool = False  # the LR schedule also follows the time budget's clock
     batch_size: int = 2
     grad_accum: int = 1
     learning_rate: float = 3e-4
@@ -111,6 +112,8 @@ class TrainConfig:
             raise ConfigError(
                 f"--explanation-lead is a share between 0 and 1, got {self.explanation_lead}"
             )
+        if self.schedule_by_time and not self.max_minutes:
+            raise ConfigError("--schedule-by-time follows the time budget: add --max-minutes")
         if self.lr_scheduler not in SCHEDULERS:
             raise ConfigError(f"--lr-scheduler must be one of {SCHEDULERS}")
         if self.select_metric not in METRICS:
@@ -208,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "epochs", type=int, default=1)
     _add(p, "max-steps", type=int, default=0)
     _add(p, "max-minutes", type=float, default=0.0)
+    _add(
+        p,
+        "schedule-by-time",
+        action="store_true",
+        help="with --max-minutes: the learning-rate schedule runs at the pace of whichever is "
+        "further along, the steps or the time budget (from the LISA loop's start), so a run "
+        "the budget stops ends its schedule however fast the machine is",
+    )
     _add(p, "batch-size", type=int, default=2)
     _add(p, "grad-accum", type=int, default=1)
     _add(p, "learning-rate", type=float, default=3e-4)
@@ -380,6 +391,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         epochs=args.epochs,
         max_steps=args.max_steps,
         max_minutes=args.max_minutes,
+        schedule_by_time=args.schedule_by_time,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         learning_rate=args.learning_rate,

@@ -15,6 +15,7 @@ import pytest
 
 from lisa_demo.data.synthetic import generate_dataset
 from lisa_demo.train.__main__ import main as train_main
+from lisa_demo.train.loop import lr_at
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["--preset", "tiny-random", "--batch-size", "2", "--seg-rate-samples", "2"]
@@ -178,6 +179,7 @@ def test_two_process_accelerate_run_writes_one_set_of_artifacts(dataset, tmp_pat
         (["--synthetic", "4", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["--synthetic", "4", "--explanation-lead", "1.5"], "--explanation-lead is a share"),
         (["--synthetic", "4", "--image-store-size", "0"], "--image-store-size must be at least 1"),
+        (["--synthetic", "4", "--schedule-by-time"], "add --max-minutes"),
     ],
 )
 def test_bad_input_stops_with_one_clear_line(args, message, tmp_path, capsys):
@@ -298,3 +300,17 @@ def test_warmup_samples_come_from_the_first_images_only(dataset):
     assert {s.record.image_path for s in two} == set(images[:2])
     # every query of those two images is kept (queries="all" gives several per image)
     assert len(two) == sum(len(r.queries) for r in data.records[:2]) > 2
+
+
+def test_schedule_by_time_follows_whichever_is_further_along():
+    # Cosine from 1.0 over steps 10..110 (warm-up 10 steps): at step 60 the steps alone are
+    # half-way, lr = 0.5 * (1 + cos(pi / 2)) = 0.5.
+    assert lr_at(60, 110, 10, "cosine", 1.0) == pytest.approx(0.5)
+    assert lr_at(60, 110, 10, "cosine", 1.0, time_spent=0.2) == pytest.approx(0.5)
+    # The clock is further along (3/4 of the budget spent): 0.5 * (1 + cos(3 pi / 4)).
+    assert lr_at(60, 110, 10, "cosine", 1.0, time_spent=0.75) == pytest.approx(0.1464466, abs=1e-6)
+    assert lr_at(60, 110, 10, "linear", 1.0, time_spent=0.75) == pytest.approx(0.25)
+    assert lr_at(60, 110, 10, "cosine", 1.0, time_spent=1.0) == pytest.approx(0.0)
+    # The warm-up and a constant schedule do not follow the clock.
+    assert lr_at(4, 110, 10, "cosine", 1.0, time_spent=0.9) == pytest.approx(0.5)
+    assert lr_at(60, 110, 10, "constant", 1.0, time_spent=0.9) == 1.0
