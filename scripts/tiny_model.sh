@@ -10,14 +10,14 @@ STEP=${STEP:-all}
 
 if [ "$STEP" = all ]; then
   # 1. Pretraining from scratch on synthetic scenes without hearts (the held-out concept):
-  #    5 min CLIP patch labelling (kind, colour, size, row, column), 11 min SAM click +
+  #    6 min CLIP patch labelling (kind, colour, size, row, column), 14 min SAM click +
   #    description prompts, then the LISA loop with both encoders frozen, the target loss and
   #    the pointing loss; 57 minutes in all.
   python -m lisa_demo.train --preset tiny-random --train-all \
     --synthetic 4000 --synthetic-seed 1 --exclude-concept heart --synthetic-explanations \
-    --queries random --vision-warmup-minutes 5 --sam-warmup-minutes 11 --freeze-encoders \
+    --queries random --vision-warmup-minutes 6 --sam-warmup-minutes 14 --freeze-encoders \
     --target-weight 1.0 --pointing-weight 2.0 --batch-size 8 --learning-rate 1e-3 --warmup-steps 200 \
-    --lr-scheduler cosine --max-steps 9500 --max-minutes 57 --eval-every 1000 \
+    --lr-scheduler cosine --max-steps 12000 --max-minutes 57 --schedule-by-time --eval-every 1000 \
     --max-val-samples 100 --dice-weight 1.0 --iou-weight 1.0 --log-every 50 \
     --seg-rate-samples 8 --export-model --seed 7 --output-dir runs/pretrain
   # 2. Bundle the best checkpoint (float16 safetensors).
