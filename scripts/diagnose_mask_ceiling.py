@@ -16,9 +16,10 @@ import sys
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lisa_demo.data.reasonseg import ReasonSegDataset
+from lisa_demo.metrics import mask_iou
+from lisa_demo.model import upsample_mask_logits
 
 
 def ceiling_iou(mask: np.ndarray, pad: int) -> float:
@@ -30,14 +31,8 @@ def ceiling_iou(mask: np.ndarray, pad: int) -> float:
     framed[:h, :w] = cv2.resize(target, (w, h), interpolation=cv2.INTER_AREA)
     grid = pad // 4
     soft = cv2.resize(framed, (grid, grid), interpolation=cv2.INTER_AREA)
-    logits = torch.from_numpy(soft - 0.5)[None, None]
-    up = F.interpolate(logits, (pad, pad), mode="bilinear", align_corners=False)[..., :h, :w]
-    up = F.interpolate(up, (height, width), mode="bilinear", align_corners=False)[0, 0]
-    valid = mask != 255
-    pred = (up.numpy() > 0) & valid
-    truth = (mask == 1) & valid
-    union = (pred | truth).sum()
-    return float((pred & truth).sum() / union) if union else 1.0
+    logits = upsample_mask_logits(torch.from_numpy(soft - 0.5)[None], pad, (h, w), (height, width))
+    return mask_iou(logits[0].numpy() > 0, mask)
 
 
 def main() -> None:
