@@ -354,3 +354,73 @@ def test_click_losses_add_a_click_mask_loss_and_a_prompt_pull(
     expected = plain.loss + 0.5 * out.point_loss + 2.0 * out.prompt_loss
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert plain.point_loss is None and plain.prompt_loss is None
+
+
+# Mask post-processing -----------------------------------------------------------------------
+def test_bilinear_matrix_matches_a_hand_worked_case():
+    """2 -> 4 pixels: samples at 0 (clamped from -0.25), 0.25, 0.75 and 1.25 (past the last
+    pixel, which then takes both weights)."""
+    from lisa_demo.model import bilinear_matrix
+
+    expected = torch.tensor(
+        [[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]], dtype=torch.float64
+    )
+    assert torch.equal(bilinear_matrix(4, 2), expected)
+    # 4 -> 2 (no antialiasing): samples at 0.5 and 2.5
+    assert torch.equal(
+        bilinear_matrix(2, 4),
+        torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]], dtype=torch.float64),
+    )
+
+
+def _interpolate_chain(low_res, pad_size, input_size, original_size):
+    """SAM's post-processing as F.interpolate calls (what upsample_mask_logits replaces), in
+    float64: PyTorch's float32 interpolation computes its sample positions in float32, off
+    by up to 3e-4 in value at 1024 pixels."""
+    import torch.nn.functional as F
+
+    x = F.interpolate(low_res[:, None].double(), size=(pad_size, pad_size), mode="bilinear",
+                      align_corners=False)  # fmt: skip
+    x = x[..., : input_size[0], : input_size[1]]
+    return F.interpolate(x, size=tuple(original_size), mode="bilinear", align_corners=False)[:, 0]
+
+
+@pytest.mark.parametrize(
+    ("low", "pad_size", "input_size", "original_size"),
+    [
+        (64, 256, (256, 187), (320, 234)),  # upsampled, portrait
+        (64, 256, (171, 256), (200, 300)),  # landscape
+        (64, 256, (100, 256), (50, 128)),  # a small image: the last resize shrinks
+        (64, 256, (256, 256), (256, 256)),
+        (256, 1024, (683, 1024), (480, 720)),  # real SAM's sizes
+        (4, 16, (10, 16), (3, 5)),
+    ],
+)
+def test_upsample_mask_logits_equals_sams_interpolate_chain_and_its_gradient(
+    low, pad_size, input_size, original_size
+):
+    from lisa_demo.model import upsample_mask_logits
+
+    torch.manual_seed(0)
+    low_res = (4 * torch.randn(3, low, low)).requires_grad_()
+    ours = upsample_mask_logits(low_res, pad_size, input_size, original_size)
+    reference = _interpolate_chain(low_res, pad_size, input_size, original_size)
+    assert ours.shape == reference.shape == (3, *original_size)
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours.double(), reference, atol=1e-5, rtol=0)
+    weights = torch.randn_like(reference)
+    (g_ours,) = torch.autograd.grad((ours.double() * weights).sum(), low_res)
+    (g_reference,) = torch.autograd.grad((reference * weights).sum(), low_res)
+    assert torch.allclose(g_ours, g_reference, atol=1e-4, rtol=1e-6)
+
+
+def test_upsampling_first_used_under_inference_mode_still_trains():
+    """The per-size matrices are cached: made under inference_mode (evaluation), they must
+    still serve a training step's backward."""
+    from lisa_demo.model import upsample_mask_logits
+
+    with torch.inference_mode():
+        upsample_mask_logits(torch.randn(1, 8, 8), 32, (29, 32), (31, 37))
+    low_res = torch.randn(1, 8, 8, requires_grad=True)
+    upsample_mask_logits(low_res, 32, (29, 32), (31, 37)).sum().backward()
+    assert low_res.grad is not None and torch.isfinite(low_res.grad).all()
