@@ -21,8 +21,10 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import random
 import re
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -304,6 +306,11 @@ def _attribute_scene(rng: random.Random, vocab: _Vocabulary, canvas: _Canvas) ->
     )
     if not canvas.place_all([target, *others]):
         return None
+    return _Draft(canvas.objects, target, *_attribute_queries(target))
+
+
+def _attribute_queries(t: SceneObject) -> tuple[list[str], list[str]]:
+    """(phrases, sentences) naming t's size, colour and kind."""
     slots = {"s": SIZE_WORDS[t.size], "c": [t.colour], "k": [t.kind]}
     phrases = _expand(("the {s} {c} {k}", "the {c} {k} that is {s}", "the {s} {k} in {c}"), **slots)
     sentences = _expand(
@@ -315,7 +322,7 @@ def _attribute_scene(rng: random.Random, vocab: _Vocabulary, canvas: _Canvas) ->
         ),
         **slots,
     )
-    return _Draft(canvas.objects, target, phrases, sentences)
+    return phrases, sentences
 
 
 def _function_scene(rng: random.Random, vocab: _Vocabulary, canvas: _Canvas) -> _Draft | None:
@@ -579,6 +586,11 @@ def _uniqueness_scene(rng: random.Random, vocab: _Vocabulary, canvas: _Canvas) -
     others[-1].size = t.size
     if not canvas.place_all([target, *others]):
         return None
+    return _Draft(canvas.objects, target, *_uniqueness_queries(target, by))
+
+
+def _uniqueness_queries(t: SceneObject, by: str) -> tuple[list[str], list[str]]:
+    """(phrases, sentences) calling t the only shape of its kind (by="kind") or colour."""
     if by == "kind":
         slots = {"x": [t.kind], "y": [t.kind]}
     else:
@@ -595,7 +607,7 @@ def _uniqueness_scene(rng: random.Random, vocab: _Vocabulary, canvas: _Canvas) -
         ),
         **slots,
     )
-    return _Draft(canvas.objects, target, phrases, sentences)
+    return phrases, sentences
 
 
 _BUILDERS = {
@@ -708,34 +720,93 @@ def _describe(obj: SceneObject, is_target: bool, visible: np.ndarray) -> dict:
 
 def _finish(
     rng: random.Random, draft: _Draft, family: str, width: int, height: int
-) -> tuple[np.ndarray, dict] | None:
-    """Render a draft and write its annotation; None when the target outline has a hole."""
+) -> tuple[np.ndarray, dict, list[SceneObject], np.ndarray] | None:
+    """Render a draft and write its annotation; None when the target outline has a hole.
+
+    Returns the image, the annotation, the objects in paint order and the label image.
+    """
     objects = list(draft.objects)
     rng.shuffle(objects)  # paint order; every shape stays >= 80% visible in any order
     image, labels = _render(objects, width, height, rng)
     target_index = next(i for i, obj in enumerate(objects) if obj is draft.target)
+    annotation = _annotate(
+        rng, objects, labels, target_index, family, draft.phrases, draft.sentences
+    )
+    return None if annotation is None else (image, annotation, objects, labels)
+
+
+def _annotate(
+    rng: random.Random,
+    objects: Sequence[SceneObject],
+    labels: np.ndarray,
+    target_index: int,
+    family: str,
+    phrases: Sequence[str],
+    sentences: Sequence[str],
+) -> dict | None:
+    """The ReasonSeg annotation of objects[target_index] in a rendered scene; None when its
+    visible outline has a hole."""
+    height, width = labels.shape
+    target = objects[target_index]
     visible = labels == target_index
     polygons, has_holes = _outer_polygons(visible)
     if has_holes or not polygons:
         return None
     shapes = [_shape("target", poly) for poly in polygons]
     if rng.random() < IGNORE_PROBABILITY:
-        shapes = _ignore_shapes(rng, draft.target.mask(height, width), visible) + shapes
+        shapes = _ignore_shapes(rng, target.mask(height, width), visible) + shapes
     is_sentence = rng.random() < 0.5
-    pool = draft.sentences if is_sentence else draft.phrases
-    annotation = {
+    pool = sentences if is_sentence else phrases
+    return {
         "text": rng.sample(pool, min(rng.randint(1, 5), len(pool))),
         "is_sentence": is_sentence,
         "family": family,
         "shapes": shapes,
         "objects": [
-            _describe(obj, obj is draft.target, labels == index)
-            for index, obj in enumerate(objects)
+            _describe(obj, obj is target, labels == index) for index, obj in enumerate(objects)
         ],
         "imageHeight": height,
         "imageWidth": width,
     }
-    return image, annotation
+
+
+def _extra_annotations(
+    rng: random.Random,
+    objects: Sequence[SceneObject],
+    labels: np.ndarray,
+    target: SceneObject,
+    count: int,
+    vocab: _Vocabulary,
+) -> list[dict]:
+    """Up to `count` more annotations of a rendered scene, each about a different shape other
+    than `target` that a query picks out by itself: its size, colour and kind when no other
+    shape has all three (attribute), or being the only shape of its kind or colour
+    (uniqueness). With a focus concept, only shapes that have it."""
+    candidates = []
+    for index, obj in enumerate(objects):
+        if obj is target or (vocab.focus_kind or obj.kind) != obj.kind:
+            continue
+        if (vocab.focus_colour or obj.colour) != obj.colour:
+            continue
+        others = [o for o in objects if o is not obj]
+        options = []
+        if not any(_same_look(o, obj, size=True) for o in others):
+            options.append(("attribute", _attribute_queries(obj)))
+        for by in ("kind", "colour"):
+            if all(getattr(o, by) != getattr(obj, by) for o in others):
+                options.append(("uniqueness", _uniqueness_queries(obj, by)))
+        if options:
+            candidates.append((index, options))
+    rng.shuffle(candidates)
+    extras = []
+    for index, options in candidates:
+        family, (phrases, sentences) = rng.choice(options)
+        annotation = _annotate(rng, objects, labels, index, family, phrases, sentences)
+        if annotation is not None:
+            extras.append(annotation)
+        if len(extras) == count:
+            break
+    return extras
 
 
 # ---------------------------------------------------------------------------------------------
@@ -781,6 +852,21 @@ def generate_scene(
             (kind, colour, size, centre, target and the outline of the visible pixels; in
             paint order), "imageHeight", "imageWidth".
     """
+    image, annotations = generate_scene_queries(rng, exclude_concept, focus_concept, family)
+    return image, annotations[0]
+
+
+def generate_scene_queries(
+    rng: random.Random,
+    exclude_concept: str | None = None,
+    focus_concept: str | None = None,
+    family: str | None = None,
+    extra_queries: int = 0,
+    extra_rng: random.Random | None = None,
+) -> tuple[np.ndarray, list[dict]]:
+    """generate_scene's scene with its annotation first, then up to `extra_queries` more
+    annotations of the same image, each about another shape (see _extra_annotations), drawn
+    from `extra_rng` so that the scene and its first annotation do not depend on them."""
     vocab = _vocabulary(exclude_concept, focus_concept)
     families = scene_families(focus_concept)
     if family is not None and family not in families:
@@ -791,7 +877,14 @@ def generate_scene(
         draft = _BUILDERS[family](rng, vocab, _Canvas(width, height, rng))
         scene = None if draft is None else _finish(rng, draft, family, width, height)
         if scene is not None:
-            return scene
+            image, annotation, objects, labels = scene
+            extras = []
+            if extra_queries > 0:
+                extra_rng = extra_rng or random.Random(rng.getrandbits(64))
+                extras = _extra_annotations(
+                    extra_rng, objects, labels, draft.target, extra_queries, vocab
+                )
+            return image, [annotation, *extras]
     raise RuntimeError(f"no {family} scene fitted in {_ATTEMPTS} attempts")
 
 
@@ -819,6 +912,15 @@ def _write_pair(folder: Path, name: str, image: np.ndarray, annotation: dict) ->
     (folder / f"{name}.json").write_text(json.dumps(annotation) + "\n", encoding="utf-8")
 
 
+def _link_image(source: Path, link: Path) -> None:
+    """link names the same image file as source (a hard link, or a copy where none is
+    possible)."""
+    try:
+        os.link(source, link)
+    except OSError:
+        shutil.copyfile(source, link)
+
+
 def generate_dataset(
     out: Path | str,
     splits: dict[str, int],
@@ -826,6 +928,7 @@ def generate_dataset(
     exclude_concept: str | None = None,
     focus_concept: str | None = None,
     families: Sequence[str] | None = None,
+    extra_queries: int = 0,
 ) -> dict[str, int]:
     """Write OUT/SPLIT/SPLIT_NNNNN.jpg + .json for each split (ReasonSeg layout).
 
@@ -833,10 +936,17 @@ def generate_dataset(
     byte-identical files. Split folders must be empty or absent. `families` limits the query
     families (each scene draws one of them); None allows every family.
 
+    `extra_queries` (train split only): each training scene also gets up to this many samples
+    SPLIT_NNNNN_xK (the same image, hard-linked where the file system allows) about other
+    shapes of it, picked out by attribute or uniqueness queries, so that no image comes with
+    one answer only. The scenes and their first queries are the same with or without them.
+
     Returns:
         split -> number of scenes written.
     """
     _vocabulary(exclude_concept, focus_concept)  # fail before writing anything
+    if extra_queries < 0:
+        raise ValueError(f"extra_queries must be >= 0, got {extra_queries}")
     allowed = scene_families(focus_concept)
     if families is not None:
         unknown = [f for f in families if f not in allowed]
@@ -854,10 +964,21 @@ def generate_dataset(
         for index in range(count):
             scene_rng = random.Random(split_rng.getrandbits(64))
             family = scene_rng.choice(tuple(families)) if families else None
-            image, annotation = generate_scene(scene_rng, exclude_concept, focus_concept, family)
+            extra = extra_queries if split == "train" else 0
+            extra_rng = random.Random(f"extra/{seed}/{split}/{index}")
+            image, annotations = generate_scene_queries(
+                scene_rng, exclude_concept, focus_concept, family, extra, extra_rng
+            )
             name = f"{split}_{index:05d}"
-            _write_pair(folder, name, image, annotation)
-            explained += explanations_for(f"{name}.jpg", annotation)
+            _write_pair(folder, name, image, annotations[0])
+            explained += explanations_for(f"{name}.jpg", annotations[0])
+            for number, annotation in enumerate(annotations[1:], start=1):
+                extra_name = f"{name}_x{number}"
+                _link_image(folder / f"{name}.jpg", folder / f"{extra_name}.jpg")
+                (folder / f"{extra_name}.json").write_text(
+                    json.dumps(annotation) + "\n", encoding="utf-8"
+                )
+                explained += explanations_for(f"{extra_name}.jpg", annotation)
         # Beside the split folder (a JSON inside it would be read as an annotation).
         text = json.dumps(explained, indent=1)
         (out / f"{split}_{EXPLANATIONS_SUFFIX}").write_text(text, encoding="utf-8")
@@ -937,6 +1058,10 @@ def _parser() -> argparse.ArgumentParser:
         "--families", nargs="+", metavar="FAMILY", choices=FAMILIES,
         help=f"only these query families (default: all of {', '.join(FAMILIES)})",
     )  # fmt: skip
+    parser.add_argument(
+        "--extra-queries", type=int, default=0, metavar="K",
+        help="train split: up to K more samples per scene about its other shapes (same image)",
+    )  # fmt: skip
     return parser
 
 
@@ -946,8 +1071,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits = {"train": args.train, "val": args.val, "test": args.test}
     try:
         counts = generate_dataset(
-            args.out, splits, args.seed, args.exclude_concept, args.focus_concept, args.families
-        )
+            args.out, splits, args.seed, args.exclude_concept, args.focus_concept,
+            args.families, args.extra_queries,
+        )  # fmt: skip
     except (ValueError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -958,6 +1084,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("without", args.exclude_concept),
             ("focus", args.focus_concept),
             ("families", " ".join(args.families or ())),
+            ("extra queries", args.extra_queries),
         )  # fmt: skip
         if value
     )

@@ -136,8 +136,9 @@ def prepare_datasets(cfg: TrainConfig, accelerator) -> tuple[ReasonSegDataset, R
             shutil.rmtree(tmp, ignore_errors=True)
             splits = {"train": cfg.synthetic, "val": max(4, cfg.synthetic // 4)}
             generate_dataset(
-                tmp, splits, cfg.synthetic_seed, cfg.exclude_concept, cfg.focus_concept
-            )
+                tmp, splits, cfg.synthetic_seed, cfg.exclude_concept, cfg.focus_concept,
+                extra_queries=cfg.synthetic_extra_queries,
+            )  # fmt: skip
             tmp.rename(root)
         accelerator.wait_for_everyone()
     explanations = cfg.explanations

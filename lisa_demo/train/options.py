@@ -37,6 +37,7 @@ class TrainConfig:
     synthetic_seed: int = 0
     exclude_concept: str | None = None  # synthetic: leave this concept out
     focus_concept: str | None = None  # synthetic: every target has this concept
+    synthetic_extra_queries: int = 0  # synthetic: more train samples per scene, other shapes
     explanations: Path | None = None  # ReasonSeg explanations JSON: text after [SEG]
     synthetic_explanations: bool = False  # synthetic: answers also describe the target
     explanation_lead: float = 0.0  # share of explained answers that name the target before [SEG]
@@ -101,6 +102,7 @@ class TrainConfig:
             "vision_warmup_minutes",
             "sam_warmup_minutes",
             "warmup_images",
+            "synthetic_extra_queries",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")  # fmt: skip
@@ -160,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "synthetic-seed", type=int, default=0)
     _add(p, "exclude-concept", default=None, help="synthetic: leave a shape/colour word out")
     _add(p, "focus-concept", default=None, help="synthetic: every target has this concept")
+    _add(
+        p,
+        "synthetic-extra-queries",
+        type=int,
+        default=0,
+        metavar="K",
+        help="synthetic: up to K more training samples per scene, each about another of its "
+        "shapes (so that an image alone never tells the answer)",
+    )
     _add(
         p,
         "explanations",
@@ -385,6 +396,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         synthetic_seed=args.synthetic_seed,
         exclude_concept=args.exclude_concept,
         focus_concept=args.focus_concept,
+        synthetic_extra_queries=args.synthetic_extra_queries,
         explanations=args.explanations,
         synthetic_explanations=args.synthetic_explanations,
         explanation_lead=args.explanation_lead,

@@ -107,23 +107,28 @@ def test_targets_are_not_tiny(many):
 
 def test_queries_determine_the_target(many):
     for _, annotation in many:
-        target, family = target_of(annotation), annotation["family"]
-        text = " ".join(annotation["text"])
-        if family == "attribute":
-            key = ("kind", "colour", "size")
-            assert looks(annotation, *key).count(tuple(target[k] for k in key)) == 1
-            assert mentions(text, target["kind"]) and mentions(text, target["colour"])
-        elif family == "uniqueness":
-            by = "kind" if mentions(text, target["kind"]) else "colour"
-            assert mentions(text, target[by]) and looks(annotation, by).count((target[by],)) == 1
-        elif family == "function":
-            same_kind = looks(annotation, "kind").count((target["kind"],))
-            assert same_kind == 1 or mentions(text, target["colour"])
-            assert not mentions(text, target["kind"])
-        elif family == "spatial":
-            check_spatial(annotation)
-        else:
-            check_superlative(annotation)
+        check_query(annotation)
+
+
+def check_query(annotation: dict) -> None:
+    """The annotation's queries pick out its target and no other shape."""
+    target, family = target_of(annotation), annotation["family"]
+    text = " ".join(annotation["text"])
+    if family == "attribute":
+        key = ("kind", "colour", "size")
+        assert looks(annotation, *key).count(tuple(target[k] for k in key)) == 1
+        assert mentions(text, target["kind"]) and mentions(text, target["colour"])
+    elif family == "uniqueness":
+        by = "kind" if mentions(text, target["kind"]) else "colour"
+        assert mentions(text, target[by]) and looks(annotation, by).count((target[by],)) == 1
+    elif family == "function":
+        same_kind = looks(annotation, "kind").count((target["kind"],))
+        assert same_kind == 1 or mentions(text, target["colour"])
+        assert not mentions(text, target["kind"])
+    elif family == "spatial":
+        check_spatial(annotation)
+    else:
+        check_superlative(annotation)
 
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "above": (0, -1), "below": (0, 1)}
@@ -270,3 +275,58 @@ def test_explanations_name_the_target_of_every_query(tmp_path):
         )
         answer = training_answer(_random.Random(0), sample.explanation)
         assert answer.index("[SEG]") < answer.index(sample.explanation)
+
+
+def test_extra_queries_ask_about_other_shapes_of_the_same_image(tmp_path):
+    generate_dataset(tmp_path / "plain", {"train": 30, "val": 3}, seed=6)
+    generate_dataset(tmp_path / "extra", {"train": 30, "val": 3}, seed=6, extra_queries=2)
+    plain, extra = tmp_path / "plain", tmp_path / "extra"
+    # The scenes and their first queries do not change; val gets no extra samples.
+    for path in plain.rglob("*_0*.*"):
+        assert (extra / path.relative_to(plain)).read_bytes() == path.read_bytes()
+    assert sorted(p.name for p in (extra / "val").iterdir()) == sorted(
+        p.name for p in (plain / "val").iterdir()
+    )
+    firsts = sorted((extra / "train").glob("train_?????.json"))
+    extras = sorted((extra / "train").glob("train_?????_x*.json"))
+    assert len(firsts) == 30 and 50 <= len(extras) <= 60
+    assert {p.stem[-3:] for p in extras} <= {"_x1", "_x2"}
+    families = set()
+    for path in extras:
+        annotation = json.loads(path.read_text())
+        first = json.loads((path.parent / f"{path.stem[:11]}.json").read_text())
+        families.add(annotation["family"])
+        check_query(annotation)
+        # Same scene and image, another target.
+        assert [(o["kind"], o["colour"], o["centre"]) for o in annotation["objects"]] == [
+            (o["kind"], o["colour"], o["centre"]) for o in first["objects"]
+        ]
+        assert target_of(annotation)["centre"] != target_of(first)["centre"]
+        image = path.with_suffix(".jpg")
+        assert image.read_bytes() == (path.parent / f"{path.stem[:11]}.jpg").read_bytes()
+    assert families == {"attribute", "uniqueness"}
+    # Both queries of a scene read back as samples with their own masks and explanations.
+    records, report = read_records(extra / "train")
+    assert report.skipped == {} and len(records) == len(firsts) + len(extras)
+    masks = {r.json_path.stem: r.load_mask() for r in records}
+    for path in extras:
+        assert not np.array_equal(masks[path.stem] == 1, masks[path.stem[:11]] == 1)
+    entries = json.loads((extra / "train_explanations.json").read_text())
+    assert {e["image"] for e in entries} == {r.image_path.name for r in records}
+
+
+def test_extra_queries_keep_a_focus_concept_and_are_validated(tmp_path, capsys):
+    generate_dataset(tmp_path / "a", {"train": 12}, seed=2, focus_concept="red",
+                     extra_queries=1)  # fmt: skip
+    extras = list((tmp_path / "a" / "train").glob("*_x1.json"))
+    assert extras
+    for path in extras:
+        annotation = json.loads(path.read_text())
+        assert target_of(annotation)["colour"] == "red"
+        check_query(annotation)
+    with pytest.raises(ValueError, match="extra_queries"):
+        generate_dataset(tmp_path / "b", {"train": 1}, seed=0, extra_queries=-1)
+    argv = ["--out", str(tmp_path / "c"), "--train", "2", "--val", "0", "--extra-queries", "1"]
+    assert main(argv) == 0
+    assert "extra queries 1" in capsys.readouterr().out
+    assert len(list((tmp_path / "c" / "train").glob("*_x1.json"))) == 2

@@ -180,6 +180,10 @@ def test_two_process_accelerate_run_writes_one_set_of_artifacts(dataset, tmp_pat
         (["--synthetic", "4", "--explanation-lead", "1.5"], "--explanation-lead is a share"),
         (["--synthetic", "4", "--image-store-size", "0"], "--image-store-size must be at least 1"),
         (["--synthetic", "4", "--schedule-by-time"], "add --max-minutes"),
+        (
+            ["--synthetic", "4", "--synthetic-extra-queries", "-1"],
+            "--synthetic-extra-queries must be >= 0",
+        ),  # fmt: skip
     ],
 )
 def test_bad_input_stops_with_one_clear_line(args, message, tmp_path, capsys):
@@ -300,6 +304,24 @@ def test_warmup_samples_come_from_the_first_images_only(dataset):
     assert {s.record.image_path for s in two} == set(images[:2])
     # every query of those two images is kept (queries="all" gives several per image)
     assert len(two) == sum(len(r.queries) for r in data.records[:2]) > 2
+
+
+def test_synthetic_extra_queries_add_training_samples_about_other_shapes(tmp_path):
+    from types import SimpleNamespace
+
+    from lisa_demo.train.loop import prepare_datasets
+    from lisa_demo.train.options import parse_args
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    sizes = {}
+    for extra in (0, 1):
+        cfg = parse_args(["--synthetic", "8", "--synthetic-seed", "2", "--synthetic-extra-queries",
+                          str(extra), "--output-dir", str(tmp_path / str(extra))])  # fmt: skip
+        train, val = prepare_datasets(cfg, accelerator)
+        sizes[extra] = (len(train.records), len(val.records))
+    # One more sample per training scene (every one of these 8 scenes has another shape a
+    # query can name); the validation scenes stay one query each.
+    assert sizes == {0: (8, 4), 1: (16, 4)}
 
 
 def test_schedule_by_time_follows_whichever_is_further_along():
