@@ -341,6 +341,12 @@ def _function_scene(rng: random.Random, vocab: _Vocabulary, canvas: _Canvas) -> 
     )
     if not canvas.place_all([target, *others]):
         return None
+    return _Draft(canvas.objects, target, *_function_queries(target, with_colour))
+
+
+def _function_queries(t: SceneObject, with_colour: bool) -> tuple[list[str], list[str]]:
+    """(phrases, sentences) saying what t's kind is like (never naming it), with its colour
+    when asked."""
     slots = {"c": [f"{t.colour} " if with_colour else ""], "f": FUNCTIONS[t.kind]}
     phrases = _expand(
         ("the {c}shape that {f}", "the {c}object that {f}", "the {c}one that {f}"), **slots
@@ -354,7 +360,7 @@ def _function_scene(rng: random.Random, vocab: _Vocabulary, canvas: _Canvas) -> 
         ),
         **slots,
     )
-    return _Draft(canvas.objects, target, phrases, sentences)
+    return phrases, sentences
 
 
 _SUPERLATIVES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -770,6 +776,10 @@ def _annotate(
     }
 
 
+EXTRA_FAMILIES = ("attribute", "uniqueness", "function", "superlative")
+DEFAULT_EXTRA_FAMILIES = ("attribute", "uniqueness")
+
+
 def _extra_annotations(
     rng: random.Random,
     objects: Sequence[SceneObject],
@@ -777,11 +787,16 @@ def _extra_annotations(
     target: SceneObject,
     count: int,
     vocab: _Vocabulary,
+    families: Sequence[str] = DEFAULT_EXTRA_FAMILIES,
 ) -> list[dict]:
     """Up to `count` more annotations of a rendered scene, each about a different shape other
-    than `target` that a query picks out by itself: its size, colour and kind when no other
-    shape has all three (attribute), or being the only shape of its kind or colour
-    (uniqueness). With a focus concept, only shapes that have it."""
+    than `target` that a query picks out by itself, in one of `families`: its size, colour and
+    kind when no other shape has all three (attribute); the only shape of its kind or colour
+    (uniqueness); what its kind is like, with its colour when another shape has its kind
+    (function); the largest, smallest or furthest in a direction of all shapes, of its colour
+    or of its kind, by the margins the superlative scenes use (superlative). With a focus
+    concept, only shapes that have it, by queries that name it."""
+    height, width = labels.shape
     candidates = []
     for index, obj in enumerate(objects):
         if obj is target or (vocab.focus_kind or obj.kind) != obj.kind:
@@ -789,12 +804,24 @@ def _extra_annotations(
         if (vocab.focus_colour or obj.colour) != obj.colour:
             continue
         others = [o for o in objects if o is not obj]
-        options = []
-        if not any(_same_look(o, obj, size=True) for o in others):
-            options.append(("attribute", _attribute_queries(obj)))
-        for by in ("kind", "colour"):
+        options = []  # (family, concepts the query names, (phrases, sentences))
+        if "attribute" in families and not any(_same_look(o, obj, size=True) for o in others):
+            options.append(("attribute", {"kind", "colour"}, _attribute_queries(obj)))
+        for by in ("kind", "colour") if "uniqueness" in families else ():
             if all(getattr(o, by) != getattr(obj, by) for o in others):
-                options.append(("uniqueness", _uniqueness_queries(obj, by)))
+                options.append(("uniqueness", {by}, _uniqueness_queries(obj, by)))
+        if "function" in families:
+            if all(o.kind != obj.kind for o in others):
+                options.append(("function", set(), _function_queries(obj, with_colour=False)))
+            elif not any(_same_look(o, obj) for o in others):
+                options.append(("function", {"colour"}, _function_queries(obj, True)))
+        if "superlative" in families:
+            options += [
+                ("superlative", named, queries)
+                for named, queries in _superlative_options(obj, others, width, height)
+            ]
+        needed = {"kind"} if vocab.focus_kind else {"colour"} if vocab.focus_colour else set()
+        options = [(family, queries) for family, named, queries in options if needed <= named]
         if options:
             candidates.append((index, options))
     rng.shuffle(candidates)
@@ -807,6 +834,38 @@ def _extra_annotations(
         if len(extras) == count:
             break
     return extras
+
+
+def _superlative_options(
+    obj: SceneObject, others: Sequence[SceneObject], width: int, height: int
+) -> list[tuple[set[str], tuple[list[str], list[str]]]]:
+    """(concepts named, (phrases, sentences)) of every superlative that picks out obj among
+    all shapes, those of its colour or those of its kind (a group of at least two)."""
+    found = []
+    for group in (None, "colour", "kind"):
+        members = [o for o in others if group is None or getattr(o, group) == getattr(obj, group)]
+        if not members:
+            continue
+        words = {"colour": [f"{obj.colour} shape", f"{obj.colour} object"], "kind": [obj.kind]}
+        slots = {"g": words.get(group, ["shape", "object"])}
+        for measure, (phrases, sentences) in _SUPERLATIVES.items():
+            if measure in ("largest", "smallest"):
+                extreme = "large" if measure == "largest" else "small"
+                clear = obj.size == extreme and all(o.size != extreme for o in members)
+            else:  # the margins of _place_position_superlative
+                axis, sign = _EXTREMES[measure]
+                extent = (width, height)[axis]
+                centre = _extremeness(obj, measure)
+                edge = _extremeness(obj, measure, edge=True)
+                clear = centre < sign * extent / 2 and all(
+                    _extremeness(o, measure) > centre + 0.15 * extent
+                    and _extremeness(o, measure, edge=True) > edge + 0.06 * extent
+                    for o in members
+                )
+            if clear:
+                named = set() if group is None else {group}
+                found.append((named, (_expand(phrases, **slots), _expand(sentences, **slots))))
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -863,10 +922,12 @@ def generate_scene_queries(
     family: str | None = None,
     extra_queries: int = 0,
     extra_rng: random.Random | None = None,
+    extra_families: Sequence[str] = DEFAULT_EXTRA_FAMILIES,
 ) -> tuple[np.ndarray, list[dict]]:
     """generate_scene's scene with its annotation first, then up to `extra_queries` more
-    annotations of the same image, each about another shape (see _extra_annotations), drawn
-    from `extra_rng` so that the scene and its first annotation do not depend on them."""
+    annotations of the same image, each about another shape by a query of one of
+    `extra_families` (see _extra_annotations), drawn from `extra_rng` so that the scene and its
+    first annotation do not depend on them."""
     vocab = _vocabulary(exclude_concept, focus_concept)
     families = scene_families(focus_concept)
     if family is not None and family not in families:
@@ -882,7 +943,7 @@ def generate_scene_queries(
             if extra_queries > 0:
                 extra_rng = extra_rng or random.Random(rng.getrandbits(64))
                 extras = _extra_annotations(
-                    extra_rng, objects, labels, draft.target, extra_queries, vocab
+                    extra_rng, objects, labels, draft.target, extra_queries, vocab, extra_families
                 )
             return image, [annotation, *extras]
     raise RuntimeError(f"no {family} scene fitted in {_ATTEMPTS} attempts")
@@ -929,6 +990,7 @@ def generate_dataset(
     focus_concept: str | None = None,
     families: Sequence[str] | None = None,
     extra_queries: int = 0,
+    extra_families: Sequence[str] = DEFAULT_EXTRA_FAMILIES,
 ) -> dict[str, int]:
     """Write OUT/SPLIT/SPLIT_NNNNN.jpg + .json for each split (ReasonSeg layout).
 
@@ -938,8 +1000,9 @@ def generate_dataset(
 
     `extra_queries` (train split only): each training scene also gets up to this many samples
     SPLIT_NNNNN_xK (the same image, hard-linked where the file system allows) about other
-    shapes of it, picked out by attribute or uniqueness queries, so that no image comes with
-    one answer only. The scenes and their first queries are the same with or without them.
+    shapes of it, picked out by queries of `extra_families` (some of EXTRA_FAMILIES), so that
+    no image comes with one answer only. The scenes and their first queries are the same with
+    or without them.
 
     Returns:
         split -> number of scenes written.
@@ -947,6 +1010,10 @@ def generate_dataset(
     _vocabulary(exclude_concept, focus_concept)  # fail before writing anything
     if extra_queries < 0:
         raise ValueError(f"extra_queries must be >= 0, got {extra_queries}")
+    if not extra_families or any(f not in EXTRA_FAMILIES for f in extra_families):
+        raise ValueError(
+            f"extra families must be some of {', '.join(EXTRA_FAMILIES)}, got {extra_families}"
+        )
     allowed = scene_families(focus_concept)
     if families is not None:
         unknown = [f for f in families if f not in allowed]
@@ -967,8 +1034,9 @@ def generate_dataset(
             extra = extra_queries if split == "train" else 0
             extra_rng = random.Random(f"extra/{seed}/{split}/{index}")
             image, annotations = generate_scene_queries(
-                scene_rng, exclude_concept, focus_concept, family, extra, extra_rng
-            )
+                scene_rng, exclude_concept, focus_concept, family, extra, extra_rng,
+                extra_families,
+            )  # fmt: skip
             name = f"{split}_{index:05d}"
             _write_pair(folder, name, image, annotations[0])
             explained += explanations_for(f"{name}.jpg", annotations[0])
@@ -1062,6 +1130,12 @@ def _parser() -> argparse.ArgumentParser:
         "--extra-queries", type=int, default=0, metavar="K",
         help="train split: up to K more samples per scene about its other shapes (same image)",
     )  # fmt: skip
+    parser.add_argument(
+        "--extra-families", nargs="+", metavar="FAMILY", choices=EXTRA_FAMILIES,
+        default=list(DEFAULT_EXTRA_FAMILIES),
+        help=f"query families of the extra samples (some of {', '.join(EXTRA_FAMILIES)}; "
+        f"default: {' '.join(DEFAULT_EXTRA_FAMILIES)})",
+    )  # fmt: skip
     return parser
 
 
@@ -1072,7 +1146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         counts = generate_dataset(
             args.out, splits, args.seed, args.exclude_concept, args.focus_concept,
-            args.families, args.extra_queries,
+            args.families, args.extra_queries, args.extra_families,
         )  # fmt: skip
     except (ValueError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -138,6 +138,7 @@ def prepare_datasets(cfg: TrainConfig, accelerator) -> tuple[ReasonSegDataset, R
             generate_dataset(
                 tmp, splits, cfg.synthetic_seed, cfg.exclude_concept, cfg.focus_concept,
                 extra_queries=cfg.synthetic_extra_queries,
+                extra_families=cfg.synthetic_extra_families,
             )  # fmt: skip
             tmp.rename(root)
         accelerator.wait_for_everyone()

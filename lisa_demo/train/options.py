@@ -20,6 +20,7 @@ from lisa_demo.config import (
     ModelConfig,
     preset,
 )
+from lisa_demo.data.synthetic import DEFAULT_EXTRA_FAMILIES, EXTRA_FAMILIES
 
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
@@ -38,6 +39,7 @@ class TrainConfig:
     exclude_concept: str | None = None  # synthetic: leave this concept out
     focus_concept: str | None = None  # synthetic: every target has this concept
     synthetic_extra_queries: int = 0  # synthetic: more train samples per scene, other shapes
+    synthetic_extra_families: tuple[str, ...] = DEFAULT_EXTRA_FAMILIES  # their query families
     explanations: Path | None = None  # ReasonSeg explanations JSON: text after [SEG]
     synthetic_explanations: bool = False  # synthetic: answers also describe the target
     explanation_lead: float = 0.0  # share of explained answers that name the target before [SEG]
@@ -170,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="synthetic: up to K more training samples per scene, each about another of its "
         "shapes (so that an image alone never tells the answer)",
+    )
+    _add(
+        p,
+        "synthetic-extra-families",
+        nargs="+",
+        default=list(DEFAULT_EXTRA_FAMILIES),
+        choices=EXTRA_FAMILIES,
+        metavar="FAMILY",
+        help=f"synthetic: query families of those extra samples (some of "
+        f"{', '.join(EXTRA_FAMILIES)}; default: {' '.join(DEFAULT_EXTRA_FAMILIES)})",
     )
     _add(
         p,
@@ -397,6 +409,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         exclude_concept=args.exclude_concept,
         focus_concept=args.focus_concept,
         synthetic_extra_queries=args.synthetic_extra_queries,
+        synthetic_extra_families=tuple(args.synthetic_extra_families),
         explanations=args.explanations,
         synthetic_explanations=args.synthetic_explanations,
         explanation_lead=args.explanation_lead,

@@ -315,18 +315,42 @@ def test_extra_queries_ask_about_other_shapes_of_the_same_image(tmp_path):
     assert {e["image"] for e in entries} == {r.image_path.name for r in records}
 
 
+def test_extra_queries_of_every_family_pick_out_their_target():
+    from lisa_demo.data.synthetic import EXTRA_FAMILIES, generate_scene_queries
+
+    seen = {}
+    for i in range(120):
+        _, annotations = generate_scene_queries(
+            random.Random(i), extra_queries=3, extra_rng=random.Random(-i),
+            extra_families=EXTRA_FAMILIES,
+        )  # fmt: skip
+        targets = [target_of(a)["centre"] for a in annotations]
+        assert len(set(map(tuple, targets))) == len(targets)  # each about another shape
+        for annotation in annotations[1:]:
+            check_query(annotation)
+            seen[annotation["family"]] = seen.get(annotation["family"], 0) + 1
+    assert set(seen) == set(EXTRA_FAMILIES) and min(seen.values()) >= 20, seen
+
+
 def test_extra_queries_keep_a_focus_concept_and_are_validated(tmp_path, capsys):
-    generate_dataset(tmp_path / "a", {"train": 12}, seed=2, focus_concept="red",
-                     extra_queries=1)  # fmt: skip
-    extras = list((tmp_path / "a" / "train").glob("*_x1.json"))
-    assert extras
+    from lisa_demo.data.synthetic import EXTRA_FAMILIES
+
+    generate_dataset(tmp_path / "a", {"train": 16}, seed=2, focus_concept="red",
+                     extra_queries=2, extra_families=EXTRA_FAMILIES)  # fmt: skip
+    extras = list((tmp_path / "a" / "train").glob("*_x?.json"))
+    assert len(extras) >= 8
     for path in extras:
         annotation = json.loads(path.read_text())
         assert target_of(annotation)["colour"] == "red"
+        assert all(mentions(text, "red") for text in annotation["text"])
         check_query(annotation)
     with pytest.raises(ValueError, match="extra_queries"):
         generate_dataset(tmp_path / "b", {"train": 1}, seed=0, extra_queries=-1)
-    argv = ["--out", str(tmp_path / "c"), "--train", "2", "--val", "0", "--extra-queries", "1"]
+    with pytest.raises(ValueError, match="extra families must be some of"):
+        generate_dataset(tmp_path / "b", {"train": 1}, seed=0, extra_families=["spatial"])
+    argv = ["--out", str(tmp_path / "c"), "--train", "2", "--val", "0", "--extra-queries", "1",
+            "--extra-families", "function"]  # fmt: skip
     assert main(argv) == 0
     assert "extra queries 1" in capsys.readouterr().out
-    assert len(list((tmp_path / "c" / "train").glob("*_x1.json"))) == 2
+    extras = list((tmp_path / "c" / "train").glob("*_x1.json"))
+    assert extras and {json.loads(p.read_text())["family"] for p in extras} == {"function"}
