@@ -50,28 +50,50 @@ def _target_classes(record) -> tuple[int, int, int, int] | None:
 IMAGE_STORE_SIZE = 4096  # default number of preprocessed images kept in memory
 
 
+def _file_identity(path: Path) -> tuple:
+    """The same key for every hard link to one file (and a new one when it is rewritten)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path),)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class ImageStore:
-    """Decoded, preprocessed images and rasterised masks, bounded LRU by count."""
+    """Decoded, preprocessed images and rasterised masks, bounded LRU by count.
+
+    Images are kept per file (hard links to one image, as in synthetic sets with extra queries,
+    are decoded once), masks per annotation.
+    """
 
     def __init__(self, processor, sam_processor, capacity: int = IMAGE_STORE_SIZE) -> None:
         self.processor = processor
         self.sam_processor = sam_processor
         self.capacity = capacity
-        self._items: OrderedDict[Path, PreparedImage] = OrderedDict()
+        self._images: OrderedDict[tuple, EncodedImage] = OrderedDict()
+        self._labels: OrderedDict[Path, tuple] = OrderedDict()
+
+    def _lookup(self, items: OrderedDict, key, make):
+        item = items.get(key)
+        if item is None:
+            item = items[key] = make()
+            if len(items) > self.capacity:
+                items.popitem(last=False)
+        else:
+            items.move_to_end(key)
+        return item
 
     def get(self, sample: Sample) -> PreparedImage:
-        path = sample.record.image_path
-        item = self._items.get(path)
-        if item is None:
-            image = sample.record.load_image()
-            encoded = encode_image(image, self.processor, self.sam_processor)
-            item = PreparedImage(encoded, sample.record.load_mask(), _target_classes(sample.record))
-            self._items[path] = item
-            if len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        else:
-            self._items.move_to_end(path)
-        return item
+        record = sample.record
+        encoded = self._lookup(
+            self._images,
+            _file_identity(Path(record.image_path)),
+            lambda: encode_image(record.load_image(), self.processor, self.sam_processor),
+        )
+        mask, classes = self._lookup(
+            self._labels, record.json_path, lambda: (record.load_mask(), _target_classes(record))
+        )
+        return PreparedImage(encoded, mask, classes)
 
 
 class TextEncoder:

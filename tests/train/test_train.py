@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lisa_demo.data.synthetic import generate_dataset
@@ -281,15 +282,34 @@ def test_image_store_keeps_the_most_recent_images_up_to_its_size(dataset, tiny_l
     data = ReasonSegDataset(dataset / "train", queries="first")
     batcher = SampleBatcher(tiny_loaded.processor, tiny_loaded.sam_processor, image_capacity=2)
     store = batcher.images
-    first = store.get(data[0])
-    assert store.get(data[0]) is first  # kept: no second decode
+    first = store.get(data[0]).encoded
+    assert store.get(data[0]).encoded is first  # kept: no second decode
     store.get(data[1])
     store.get(data[0])  # data[0] is now the most recent, data[1] the oldest
     store.get(data[2])  # over capacity: data[1] leaves
-    kept = [data[i].record.image_path for i in (0, 2)]
-    assert list(store._items) == kept
-    assert store.get(data[0]) is first
-    assert store.get(data[1]) is not None and len(store._items) == 2
+    kept = [data[i].record.json_path for i in (0, 2)]
+    assert list(store._labels) == kept and len(store._images) == 2
+    assert store.get(data[0]).encoded is first
+    assert store.get(data[1]) is not None and len(store._images) == len(store._labels) == 2
+    assert list(store._labels) == [data[i].record.json_path for i in (0, 1)]  # data[2] left
+
+
+def test_image_store_decodes_a_hard_linked_image_once(tmp_path, tiny_loaded):
+    from lisa_demo.data.reasonseg import ReasonSegDataset
+    from lisa_demo.train.data import SampleBatcher
+
+    generate_dataset(tmp_path, {"train": 3}, seed=1, extra_queries=1)
+    data = ReasonSegDataset(tmp_path / "train", queries="first")
+    assert len(data) == 6  # three scenes, each with one extra query on the same image
+    batcher = SampleBatcher(tiny_loaded.processor, tiny_loaded.sam_processor)
+    store = batcher.images
+    prepared = {data[i].record.json_path.stem: store.get(data[i]) for i in range(len(data))}
+    assert len(store._images) == 3 and len(store._labels) == 6
+    for name in ("train_00000", "train_00001", "train_00002"):
+        first, extra = prepared[name], prepared[f"{name}_x1"]
+        assert extra.encoded is first.encoded  # one decode per image file
+        assert not np.array_equal(extra.mask, first.mask)  # each query keeps its own mask
+        assert extra.target_classes != first.target_classes or extra.mask.sum() != first.mask.sum()
 
 
 def test_warmup_samples_come_from_the_first_images_only(dataset):
