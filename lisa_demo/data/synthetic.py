@@ -11,6 +11,9 @@ target, picked out by a query that needs a little reasoning. Query families (the
 
 The annotation polygon is the outline of the target's visible pixels. About 15% of the images
 also carry an "ignore" polygon: a thin ring around the target or its hidden (occluded) part.
+With extra queries (training split only), a scene also gets NAME_xK samples: the same image,
+another of its shapes as the target, named by an attribute, uniqueness, function or
+superlative query.
 
 CLI: python -m lisa_demo.data.synthetic --out DIR --train N --val M [--test K] --seed S
 """

@@ -50,7 +50,7 @@ def _target_classes(record) -> tuple[int, int, int, int] | None:
 IMAGE_STORE_SIZE = 4096  # default number of preprocessed images kept in memory
 
 
-def _file_identity(path: Path) -> tuple:
+def file_identity(path: Path) -> tuple:
     """The same key for every hard link to one file (and a new one when it is rewritten)."""
     try:
         st = path.stat()
@@ -87,7 +87,7 @@ class ImageStore:
         record = sample.record
         encoded = self._lookup(
             self._images,
-            _file_identity(Path(record.image_path)),
+            file_identity(Path(record.image_path)),
             lambda: encode_image(record.load_image(), self.processor, self.sam_processor),
         )
         mask, classes = self._lookup(

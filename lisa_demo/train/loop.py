@@ -23,7 +23,7 @@ from lisa_demo.config import ConfigError
 from lisa_demo.cpu_speed import adamw_options
 from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
 from lisa_demo.loading import LoadedLisa, load_lisa, save_full_model
-from lisa_demo.train.data import EmbeddingCache, SampleBatcher, training_inputs
+from lisa_demo.train.data import EmbeddingCache, SampleBatcher, file_identity, training_inputs
 from lisa_demo.train.evaluate import evaluate_samples, seg_rate
 from lisa_demo.train.events import EventLog, load_history
 from lisa_demo.train.options import TrainConfig
@@ -445,17 +445,18 @@ def _encoder_parameters(model) -> list[torch.nn.Parameter]:
 
 
 def warmup_samples(train_set, n_train: int, images: int = 0) -> list[Sample]:
-    """The training samples of the first `images` distinct images (all when 0)."""
+    """The training samples of the first `images` distinct images (all when 0; hard links to
+    one image file count once)."""
     samples = [train_set[i] for i in range(n_train)]
     if not images:
         return samples
     kept: set = set()
     chosen = []
     for sample in samples:
-        path = sample.record.image_path
-        if path not in kept and len(kept) >= images:
+        image = file_identity(Path(sample.record.image_path))
+        if image not in kept and len(kept) >= images:
             continue
-        kept.add(path)
+        kept.add(image)
         chosen.append(sample)
     return chosen
 

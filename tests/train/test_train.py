@@ -305,6 +305,13 @@ def test_image_store_decodes_a_hard_linked_image_once(tmp_path, tiny_loaded):
     store = batcher.images
     prepared = {data[i].record.json_path.stem: store.get(data[i]) for i in range(len(data))}
     assert len(store._images) == 3 and len(store._labels) == 6
+    from lisa_demo.train.loop import warmup_samples
+
+    # The warm-ups' "first N images" count the hard links to one image once.
+    first_two = warmup_samples(data, len(data), images=2)
+    assert sorted(s.record.json_path.stem for s in first_two) == [
+        "train_00000", "train_00000_x1", "train_00001", "train_00001_x1",
+    ]  # fmt: skip
     for name in ("train_00000", "train_00001", "train_00002"):
         first, extra = prepared[name], prepared[f"{name}_x1"]
         assert extra.encoded is first.encoded  # one decode per image file
