@@ -800,6 +800,7 @@ def _extra_annotations(
     or of its kind, by the margins the superlative scenes use (superlative). With a focus
     concept, only shapes that have it, by queries that name it."""
     height, width = labels.shape
+    needed = {"kind"} if vocab.focus_kind else {"colour"} if vocab.focus_colour else set()
     candidates = []
     for index, obj in enumerate(objects):
         if obj is target or (vocab.focus_kind or obj.kind) != obj.kind:
@@ -823,7 +824,6 @@ def _extra_annotations(
                 ("superlative", named, queries)
                 for named, queries in _superlative_options(obj, others, width, height)
             ]
-        needed = {"kind"} if vocab.focus_kind else {"colour"} if vocab.focus_colour else set()
         options = [(family, queries) for family, named, queries in options if needed <= named]
         if options:
             candidates.append((index, options))
