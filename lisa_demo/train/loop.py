@@ -470,9 +470,11 @@ def _warm_up(cfg: TrainConfig, model, batcher: SampleBatcher, samples, events: E
     model.train()
     if cfg.vision_warmup_minutes:
         warmup.warm_up_vision(model, batcher, samples, cfg.vision_warmup_minutes,
-                              seed=cfg.seed, emit=events.emit, should_stop=stop.local)  # fmt: skip
+                              learning_rate=cfg.vision_warmup_lr, seed=cfg.seed,
+                              emit=events.emit, should_stop=stop.local)  # fmt: skip
     if cfg.sam_warmup_minutes:
-        warmup.warm_up_sam(model, batcher, samples, cfg.sam_warmup_minutes, seed=cfg.seed,
+        warmup.warm_up_sam(model, batcher, samples, cfg.sam_warmup_minutes,
+                           learning_rate=cfg.sam_warmup_lr, seed=cfg.seed,
                            bce_weight=cfg.model.losses.bce, dice_weight=cfg.model.losses.dice,
                            emit=events.emit, should_stop=stop.local)  # fmt: skip
 

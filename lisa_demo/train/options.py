@@ -75,6 +75,8 @@ class TrainConfig:
     # Pretraining from scratch only (--train-all; not in LISA), see lisa_demo.train.warmup:
     vision_warmup_minutes: float = 0.0  # CLIP learns to label its patches first
     sam_warmup_minutes: float = 0.0  # SAM learns to segment from a click first
+    vision_warmup_lr: float = 1e-3  # peak learning rates of the two warm-ups (cosine over
+    sam_warmup_lr: float = 1e-3  # each one's minutes)
     freeze_encoders: bool = False  # then the LISA loop leaves both image encoders as they are
     warmup_images: int = 0  # the warm-ups draw from the first N training images; 0 = all
     extra: dict = field(default_factory=dict)
@@ -108,6 +110,9 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")  # fmt: skip
+        for name in ("vision_warmup_lr", "sam_warmup_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
         if self.image_store_size < 1:
             raise ConfigError(f"--image-store-size must be at least 1, got {self.image_store_size}")
         if self.optimizer not in OPTIMIZERS:
@@ -352,6 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(
         p,
+        "vision-warmup-lr",
+        type=float,
+        default=TrainConfig.vision_warmup_lr,
+        help="peak learning rate of the CLIP warm-up (AdamW, cosine over its minutes)",
+    )
+    _add(
+        p,
+        "sam-warmup-lr",
+        type=float,
+        default=TrainConfig.sam_warmup_lr,
+        help="peak learning rate of the SAM warm-up (AdamW, cosine over its minutes)",
+    )
+    _add(
+        p,
         "freeze-encoders",
         action="store_true",
         help="--train-all: the LISA loop leaves CLIP (and its projector) and SAM's image "
@@ -443,6 +462,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         export_model=args.export_model,
         vision_warmup_minutes=args.vision_warmup_minutes,
         sam_warmup_minutes=args.sam_warmup_minutes,
+        vision_warmup_lr=args.vision_warmup_lr,
+        sam_warmup_lr=args.sam_warmup_lr,
         freeze_encoders=args.freeze_encoders,
         warmup_images=args.warmup_images,
     )

@@ -230,3 +230,35 @@ def test_warmups_need_train_all(scenes, tmp_path, capsys):
                        "--sam-warmup-minutes", "1"])  # fmt: skip
     assert code != 0
     assert "--train-all" in capsys.readouterr().err
+
+
+def test_warmup_learning_rates_reach_their_stages(scenes, tmp_path, monkeypatch):
+    """--vision-warmup-lr and --sam-warmup-lr are the peak rates each warm-up runs with."""
+    from lisa_demo.train import warmup
+
+    seen = {}
+
+    def record(stage):
+        def run(*args, learning_rate, **kwargs):
+            seen[stage] = learning_rate
+            return {"stage": stage, "steps": 0, "seconds": 0.0}
+
+        return run
+
+    monkeypatch.setattr(warmup, "warm_up_vision", record("vision"))
+    monkeypatch.setattr(warmup, "warm_up_sam", record("sam"))
+    code = train_main(
+        ["--dataset", str(scenes), "--output-dir", str(tmp_path / "r"), *BASE, "--train-all",
+         "--vision-warmup-minutes", "1", "--sam-warmup-minutes", "1", "--vision-warmup-lr",
+         "3e-3", "--sam-warmup-lr", "2e-3", "--max-steps", "1", "--eval-every", "1"]
+    )  # fmt: skip
+    assert code == 0
+    assert seen == {"vision": 3e-3, "sam": 2e-3}
+
+
+@pytest.mark.parametrize("flag", ["--vision-warmup-lr", "--sam-warmup-lr"])
+def test_warmup_learning_rates_must_be_positive(scenes, tmp_path, capsys, flag):
+    code = train_main(["--dataset", str(scenes), "--output-dir", str(tmp_path / "r"), *BASE,
+                       "--train-all", "--vision-warmup-minutes", "1", flag, "0"])  # fmt: skip
+    assert code != 0
+    assert f"{flag} must be > 0" in capsys.readouterr().err
