@@ -183,6 +183,17 @@ def write_checkpoint(
     return save_checkpoint(folder, model, manifest, extra)
 
 
+def init_folder(path: Path) -> Path:
+    """A checkpoint folder, or a run folder whose checkpoints/warmed is one (--init-from)."""
+    for candidate in (path, path / "checkpoints" / "warmed"):
+        if (candidate / "trainable.safetensors").exists():
+            return candidate
+    raise ConfigError(
+        f"--init-from {path}: no checkpoint there (a folder with trainable.safetensors, or a "
+        "run folder with checkpoints/warmed from --save-warmed)"
+    )
+
+
 def resume_folder(path: Path) -> Path:
     """A run folder (its checkpoints/last) or a checkpoint folder."""
     for candidate in (path / "checkpoints" / "last", path / "checkpoints" / "best", path):
@@ -230,7 +241,8 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
     n_train = min(len(train_set), cfg.max_train_samples or len(train_set))
     val_samples: list[Sample] = [val_set[i] for i in range(len(val_set))]
     val_samples = val_samples[: cfg.max_val_samples or None]
-    loaded = load_lisa(cfg.model, checkpoint=resume, device=device, for_training=True)
+    init = init_folder(cfg.init_from) if cfg.init_from is not None else None
+    loaded = load_lisa(cfg.model, checkpoint=resume or init, device=device, for_training=True)
     model = loaded.model
     warm_up = resume is None and bool(cfg.vision_warmup_minutes or cfg.sam_warmup_minutes)
     if warm_up and world > 1:
@@ -293,6 +305,7 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         total_params=sum(p.numel() for p in core.parameters()),
         total_steps=total_steps, world_size=world, device=str(device),
         resumed_from=str(resume) if resume else None, start_step=progress.step,
+        initialized_from=str(init) if init else None,
     )  # fmt: skip
     if warm_up:  # pretraining only: the encoders' own stages, before the LISA loop
         _warm_up(cfg, core, batcher, warmup_samples(train_set, n_train, cfg.warmup_images),
@@ -314,6 +327,9 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
             events.emit("checkpoint", step=progress.step, kind=kind, path=str(path),
                         metric=(metrics or {}).get(cfg.select_metric))  # fmt: skip
         accelerator.wait_for_everyone()
+
+    if warm_up and cfg.save_warmed:  # every weight, before any LISA-loop step (--init-from)
+        save("warmed", None)
 
     status = "finished"
     last_metrics: dict | None = None

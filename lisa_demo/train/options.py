@@ -66,6 +66,9 @@ class TrainConfig:
     select_metric: str = "giou"
     save_best_only: bool = False
     resume: Path | None = None
+    # Start from a checkpoint's weights (e.g. a run's checkpoints/warmed) with a fresh
+    # optimizer, schedule and step count; unlike --resume, nothing of its run carries over.
+    init_from: Path | None = None
     seed: int = 42
     embedding_cache_dir: Path | None = None  # on-disk SAM embedding cache (frozen encoder)
     no_embedding_cache: bool = False
@@ -78,6 +81,7 @@ class TrainConfig:
     vision_warmup_lr: float = 1e-3  # peak learning rates of the two warm-ups (cosine over
     sam_warmup_lr: float = 1e-3  # each one's minutes)
     freeze_encoders: bool = False  # then the LISA loop leaves both image encoders as they are
+    save_warmed: bool = False  # write checkpoints/warmed between the warm-ups and the LISA loop
     warmup_images: int = 0  # the warm-ups draw from the first N training images; 0 = all
     extra: dict = field(default_factory=dict)
 
@@ -130,6 +134,23 @@ class TrainConfig:
         if self.queries not in ("all", "random"):
             raise ConfigError("--queries must be all or random")
         warmups = self.vision_warmup_minutes or self.sam_warmup_minutes
+        if self.init_from is not None and self.resume is not None:
+            raise ConfigError("use either --resume (continue a run) or --init-from, not both")
+        if self.init_from is not None and warmups:
+            raise ConfigError(
+                "--init-from starts from weights that are already trained: drop "
+                "--vision-warmup-minutes and --sam-warmup-minutes"
+            )
+        if self.save_warmed and not warmups:
+            raise ConfigError(
+                "--save-warmed saves the weights the encoder warm-ups leave: add "
+                "--vision-warmup-minutes or --sam-warmup-minutes"
+            )
+        if self.embedding_cache_dir is not None and (warmups or self.init_from is not None):
+            raise ConfigError(
+                "--embedding-cache-dir keys its files by the base model, but warmed-up or "
+                "--init-from encoders are not the base model's: drop --embedding-cache-dir"
+            )
         if (warmups or self.freeze_encoders) and not self.model.train_all:
             raise ConfigError(
                 "--vision-warmup-minutes, --sam-warmup-minutes and --freeze-encoders are for "
@@ -272,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "metric", choices=METRICS, default="giou", help="selects the best checkpoint")
     _add(p, "save-best-only", action="store_true")
     _add(p, "resume", type=Path, default=None, help="run folder or checkpoint to continue")
+    _add(
+        p,
+        "init-from",
+        type=Path,
+        default=None,
+        help="start from the weights of a checkpoint folder (or a run folder's "
+        "checkpoints/warmed) with a fresh optimizer and schedule: e.g. try LISA-loop settings "
+        "from the same warmed-up encoders, whatever the CPU's speed",
+    )
     _add(p, "seed", type=int, default=42)
     _add(p, "ce-weight", type=float, default=1.0)
     _add(p, "bce-weight", type=float, default=2.0)
@@ -376,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="--train-all: the LISA loop leaves CLIP (and its projector) and SAM's image "
         "encoder as the warm-ups left them and caches their outputs",
     )
+    _add(
+        p,
+        "save-warmed",
+        action="store_true",
+        help="after the encoder warm-ups, also save checkpoints/warmed (every weight, before "
+        "any LISA-loop step), for later runs to start from with --init-from",
+    )
     return p
 
 
@@ -455,6 +492,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         select_metric=args.metric,
         save_best_only=args.save_best_only,
         resume=args.resume,
+        init_from=args.init_from,
         seed=args.seed,
         embedding_cache_dir=args.embedding_cache_dir,
         no_embedding_cache=args.no_embedding_cache,
@@ -466,4 +504,5 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         sam_warmup_lr=args.sam_warmup_lr,
         freeze_encoders=args.freeze_encoders,
         warmup_images=args.warmup_images,
+        save_warmed=args.save_warmed,
     )

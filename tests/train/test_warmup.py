@@ -155,10 +155,10 @@ def scenes(tmp_path_factory) -> Path:
     return root
 
 
-def _params_of(run: Path) -> dict[str, torch.Tensor]:
+def _params_of(run: Path, kind: str = "last") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(run / "checkpoints" / "last" / "trainable.safetensors"))
+    return load_file(str(run / "checkpoints" / kind / "trainable.safetensors"))
 
 
 def _initial() -> dict[str, torch.Tensor]:
@@ -262,3 +262,75 @@ def test_warmup_learning_rates_must_be_positive(scenes, tmp_path, capsys, flag):
                        "--train-all", "--vision-warmup-minutes", "1", flag, "0"])  # fmt: skip
     assert code != 0
     assert f"{flag} must be > 0" in capsys.readouterr().err
+
+
+def _events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+
+
+ENCODERS = (
+    "sam.vision_encoder.",
+    "llava.model.vision_tower.",
+    "llava.model.multi_modal_projector.",
+)
+
+
+def test_save_warmed_then_init_from_starts_a_fresh_loop_on_the_warmed_weights(scenes, tmp_path):
+    """--save-warmed writes checkpoints/warmed between the warm-ups and the LISA loop (step 0,
+    the warmed encoders, the training-only prompts); --init-from starts a new run on exactly
+    those weights with no warm-up and a fresh step count, and (frozen) keeps its encoders."""
+    warm = tmp_path / "warm"
+    code = train_main(
+        ["--dataset", str(scenes), "--output-dir", str(warm), *BASE, "--train-all",
+         "--vision-warmup-minutes", "0.05", "--sam-warmup-minutes", "0.05", "--target-weight", "1",
+         "--freeze-encoders", "--save-warmed", "--max-steps", "2", "--eval-every", "2",
+         "--learning-rate", "1e-3"]
+    )  # fmt: skip
+    assert code == 0
+    kinds = [(e["kind"], e["step"]) for e in _events(warm) if e["event"] == "checkpoint"]
+    assert kinds[0] == ("warmed", 0)
+    state = json.loads((warm / "checkpoints" / "warmed" / "trainer_state.json").read_text())
+    assert state["step"] == 0
+    warmed, last, initial = _params_of(warm, "warmed"), _params_of(warm), _initial()
+    assert any(n.startswith("description_prompts.") for n in warmed)
+    for prefix in ENCODERS[:2]:
+        assert _changed(warmed, initial, prefix), prefix  # the warm-ups trained them
+    assert _changed(last, warmed, "llava.model.language_model.")  # the loop came after
+
+    run = tmp_path / "from-warm"
+    code = train_main(
+        ["--dataset", str(scenes), "--output-dir", str(run), *BASE, "--train-all",
+         "--target-weight", "1", "--freeze-encoders", "--init-from", str(warm), "--max-steps", "2",
+         "--eval-every", "2", "--learning-rate", "1e-3"]
+    )  # fmt: skip
+    assert code == 0
+    events = _events(run)
+    start = events[0]
+    assert start["event"] == "start" and start["start_step"] == 0
+    assert start["initialized_from"] == str(warm / "checkpoints" / "warmed")
+    assert not [e for e in events if e["event"].startswith("warmup")]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [2]  # 2 new steps, not 2 more
+    saved = _params_of(run)
+    for prefix in ENCODERS:
+        assert not _changed(saved, warmed, prefix), prefix
+    assert _changed(saved, warmed, "llava.model.language_model.")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--init-from", "X", "--resume", "X"], "either --resume"),
+        (["--init-from", "X", "--sam-warmup-minutes", "1"], "drop --vision-warmup-minutes"),
+        (["--save-warmed"], "add --vision-warmup-minutes"),
+        (["--sam-warmup-minutes", "1", "--embedding-cache-dir", "C"], "drop --embedding-cache-dir"),
+        (["--init-from", "NOWHERE"], "no checkpoint there"),
+    ],
+)
+def test_init_from_and_save_warmed_refuse_what_cannot_work(scenes, tmp_path, capsys, flags,
+                                                           message):  # fmt: skip
+    flags = [str(tmp_path / f) if f in ("X", "NOWHERE", "C") else f for f in flags]
+    code = train_main(["--dataset", str(scenes), "--output-dir", str(tmp_path / "r"), *BASE,
+                       "--train-all", "--max-steps", "1", *flags])  # fmt: skip
+    assert code != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoints").exists()
