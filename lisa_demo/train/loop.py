@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lisa_demo.checkpoint import save_checkpoint
+from lisa_demo.checkpoint import WEIGHTS, save_checkpoint
 from lisa_demo.config import ConfigError
 from lisa_demo.cpu_speed import adamw_options
 from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
@@ -186,10 +186,10 @@ def write_checkpoint(
 def init_folder(path: Path) -> Path:
     """A checkpoint folder, or a run folder whose checkpoints/warmed is one (--init-from)."""
     for candidate in (path, path / "checkpoints" / "warmed"):
-        if (candidate / "trainable.safetensors").exists():
+        if (candidate / WEIGHTS).exists():
             return candidate
     raise ConfigError(
-        f"--init-from {path}: no checkpoint there (a folder with trainable.safetensors, or a "
+        f"--init-from {path}: no checkpoint there (a folder with {WEIGHTS}, or a "
         "run folder with checkpoints/warmed from --save-warmed)"
     )
 

@@ -161,6 +161,10 @@ def _params_of(run: Path, kind: str = "last") -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / kind / "trainable.safetensors"))
 
 
+def _events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+
+
 def _initial() -> dict[str, torch.Tensor]:
     from lisa_demo.config import preset
     from lisa_demo.loading import load_lisa
@@ -190,7 +194,7 @@ def test_warmups_train_the_encoders_and_the_target_loss_is_logged(scenes, tmp_pa
          "--learning-rate", "1e-3", "--export-model"]
     )  # fmt: skip
     assert code == 0
-    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    events = _events(out)
     assert events[0]["event"] == "start"  # readers (bundle, app) take the run's config there
     done = {e["stage"]: e for e in events if e["event"] == "warmup_done"}
     assert set(done) == {"vision", "sam"} and all(d["steps"] >= 1 for d in done.values())
@@ -262,10 +266,6 @@ def test_warmup_learning_rates_must_be_positive(scenes, tmp_path, capsys, flag):
                        "--train-all", "--vision-warmup-minutes", "1", flag, "0"])  # fmt: skip
     assert code != 0
     assert f"{flag} must be > 0" in capsys.readouterr().err
-
-
-def _events(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
 
 
 ENCODERS = (
