@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lisa_demo.checkpoint import WEIGHTS
 from lisa_demo.data.synthetic import (
     COLOURS,
     DESCRIPTION_CLASSES,
@@ -158,7 +159,7 @@ def scenes(tmp_path_factory) -> Path:
 def _params_of(run: Path, kind: str = "last") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(run / "checkpoints" / kind / "trainable.safetensors"))
+    return load_file(str(run / "checkpoints" / kind / WEIGHTS))
 
 
 def _events(run: Path) -> list[dict]:
