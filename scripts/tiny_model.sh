@@ -10,14 +10,14 @@ STEP=${STEP:-all}
 
 if [ "$STEP" = all ]; then
   # 1. Pretraining from scratch on synthetic scenes without hearts (the held-out concept):
-  #    6 min CLIP patch labelling (kind, colour, size, row, column), 14 min SAM click +
+  #    9 min CLIP patch labelling (kind, colour, size, row, column), 11 min SAM click +
   #    description prompts, then the LISA loop with both encoders frozen, the target loss and
   #    the pointing loss; 57 minutes in all. Each scene also gets one query about another of
   #    its shapes (same image), so the image alone never tells the answer.
   python -m lisa_demo.train --preset tiny-random --train-all \
     --synthetic 4000 --synthetic-seed 1 --exclude-concept heart --synthetic-explanations \
     --synthetic-extra-queries 1 --synthetic-extra-families attribute uniqueness function superlative \
-    --queries random --vision-warmup-minutes 6 --sam-warmup-minutes 14 --vision-warmup-lr 3e-3 \
+    --queries random --vision-warmup-minutes 9 --sam-warmup-minutes 11 --vision-warmup-lr 3e-3 \
     --freeze-encoders --target-weight 1.0 --pointing-weight 2.0 --batch-size 8 \
     --learning-rate 3e-4 --warmup-steps 200 \
     --lr-scheduler cosine --max-steps 12000 --max-minutes 57 --schedule-by-time --eval-every 1000 \

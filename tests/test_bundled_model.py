@@ -16,14 +16,6 @@ from lisa_demo.metrics import mask_iou
 
 # A seed never used for training (pretraining used 1, the fine-tune demo 11).
 HELD_OUT_SEED = 777
-# The shipped model does not reach issue 5's quality bar everywhere yet (held-out gIoU 0.753,
-# cIoU 0.718, see assets/tiny-lisa/README.md): one example still gets another shape. Its check
-# stays in the suite as a strict expected failure: it turns red as soon as a better model passes
-# it, so the marker gets removed.
-BELOW_BAR = pytest.mark.xfail(
-    strict=True, reason="bundled model below the issue-5 quality bar (model card)"
-)
-EXAMPLES_BELOW_BAR = {"example_3"}
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +51,6 @@ def test_bundled_model_answers_with_seg(bundled, held_out):
     assert result["seg_rate"] >= 0.95, result
 
 
-def _example_params() -> list:
-    return [
-        pytest.param(row, marks=BELOW_BAR if row["image"].stem in EXAMPLES_BELOW_BAR else ())
-        for row in _examples()
-    ]
-
-
 def _examples() -> list[dict]:
     rows = []
     for meta_path in sorted(EXAMPLES_DIR.glob("example_*.json")):
@@ -80,7 +65,7 @@ def test_examples_exist_for_every_query_family():
     assert families == {"attribute", "function", "superlative", "spatial", "uniqueness"}
 
 
-@pytest.mark.parametrize("example", _example_params(), ids=lambda row: row["image"].stem)
+@pytest.mark.parametrize("example", _examples(), ids=lambda row: row["image"].stem)
 def test_inference_cli_segments_each_example(example, tmp_path, capsys):
     from lisa_demo.infer.__main__ import main as infer_main
 
