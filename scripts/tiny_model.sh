@@ -10,14 +10,16 @@ STEP=${STEP:-all}
 
 if [ "$STEP" = all ]; then
   # 1. Pretraining from scratch on synthetic scenes without hearts (the held-out concept):
-  #    9 min CLIP patch labelling (kind, colour, size, row, column), 11 min SAM click +
+  #    12 min CLIP patch labelling (kind, colour, size, row, column), 9 min SAM click +
   #    description prompts, then the LISA loop with both encoders frozen, the target loss and
-  #    the pointing loss; 57 minutes in all. Each scene also gets one query about another of
-  #    its shapes (same image), so the image alone never tells the answer.
+  #    the pointing loss; 57 minutes in all (peak RSS about 12.5 GiB: 8000 scenes, all decoded
+  #    images kept in memory). Each scene also gets one query about another of its shapes (same
+  #    image), so the image alone never tells the answer.
   python -m lisa_demo.train --preset tiny-random --train-all \
-    --synthetic 4000 --synthetic-seed 1 --exclude-concept heart --synthetic-explanations \
+    --synthetic 8000 --image-store-size 8192 --synthetic-seed 1 --exclude-concept heart \
+    --synthetic-explanations \
     --synthetic-extra-queries 1 --synthetic-extra-families attribute uniqueness function superlative \
-    --queries random --vision-warmup-minutes 9 --sam-warmup-minutes 11 --vision-warmup-lr 3e-3 \
+    --queries random --vision-warmup-minutes 12 --sam-warmup-minutes 9 --vision-warmup-lr 3e-3 \
     --freeze-encoders --target-weight 1.0 --pointing-weight 2.0 --batch-size 8 \
     --learning-rate 3e-4 --warmup-steps 200 \
     --lr-scheduler cosine --max-steps 12000 --max-minutes 57 --schedule-by-time --eval-every 1000 \
@@ -47,7 +49,8 @@ python -m lisa_demo.eval --dataset runs/heart-eval/val --model-only --preset tin
   --per-sample runs/heart-before-per-sample.json
 python -m lisa_demo.eval --dataset runs/heart-word-eval/val --model-only --preset tiny \
   --per-sample runs/heart-word-before-per-sample.json
-python -m lisa_demo.eval --dataset runs/heart-word-eval300/val --model-only --preset tiny
+python -m lisa_demo.eval --dataset runs/heart-word-eval300/val --model-only --preset tiny \
+  --per-sample runs/heart-word300-before-per-sample.json
 
 # 5. The Training tab's default run: LoRA fine-tune on scenes whose targets are hearts.
 rm -rf runs/heart-finetune
