@@ -12,9 +12,9 @@ if [ "$STEP" = all ]; then
   # 1. Pretraining from scratch on synthetic scenes without hearts (the held-out concept):
   #    12 min CLIP patch labelling (kind, colour, size, row, column), 9 min SAM click +
   #    description prompts, then the LISA loop with both encoders frozen, the target loss and
-  #    the pointing loss; 57 minutes in all (peak RSS about 12.5 GiB: 8000 scenes, all decoded
-  #    images kept in memory). Each scene also gets one query about another of its shapes (same
-  #    image), so the image alone never tells the answer.
+  #    the pointing loss; 57 minutes in all (peak RSS 12.5 to 13.3 GiB: 8000 scenes, all
+  #    decoded images kept in memory). Each scene also gets one query about another of its
+  #    shapes (same image), so the image alone never tells the answer.
   python -m lisa_demo.train --preset tiny-random --train-all \
     --synthetic 8000 --image-store-size 8192 --synthetic-seed 1 --exclude-concept heart \
     --synthetic-explanations \
