@@ -225,5 +225,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 def architecture(name: str) -> Architecture:
     """The named architecture; unknown names raise ValueError listing the known ones."""
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
+        known = ", ".join(ARCHITECTURES)
+        raise ValueError(f"unknown architecture {name!r}; choose one of: {known}")
     return ARCHITECTURES[name]

@@ -599,7 +599,8 @@ def _training_plan(
     )  # fmt: skip
     if not offload_sam_encoder:
         resident = weights + (sam, master) + state
-        return MemoryPlan(resident, (("step activations", step), ("SAM image encoder", sam_encoder)))
+        groups = (("step activations", step), ("SAM image encoder", sam_encoder))
+        return MemoryPlan(resident, groups)
     # Every image is encoded before the first step; then the encoder leaves the GPU.
     encoder_weights = c.sam_encoder * b
     prompt = MemoryTerm("SAM prompt encoder", sam.bytes - encoder_weights, f"{b} bytes")

@@ -20,6 +20,7 @@ Each is an option of ModelConfig that the memory estimator knows (lisa_demo.memo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -87,6 +88,10 @@ def quantize_linears(module: nn.Module, kind: str, compute_dtype: torch.dtype) -
     Returns the number of layers replaced."""
     import bitsandbytes as bnb
 
+    if kind not in ("8bit", "4bit"):
+        raise ValueError(f"quantization kind must be 8bit or 4bit, got {kind!r}")
+    if kind == "8bit":  # bitsandbytes says so at every call in a compute dtype other than fp16
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     targets = [(name, m) for name, m in module.named_modules() if type(m) is nn.Linear]
     for name, linear in targets:
         weight = linear.weight.detach()
@@ -97,21 +102,20 @@ def quantize_linears(module: nn.Module, kind: str, compute_dtype: torch.dtype) -
                 compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
                 device="meta",
             )  # fmt: skip
-            layer.weight = bnb.nn.Params4bit(
-                weight.to(compute_dtype), requires_grad=False, quant_type="nf4",
-                compress_statistics=True,
-            ).to(device)  # fmt: skip
-        elif kind == "8bit":
+            if not weight.is_meta:  # on the meta device the layer stays empty
+                layer.weight = bnb.nn.Params4bit(
+                    weight.to(compute_dtype), requires_grad=False, quant_type="nf4",
+                    compress_statistics=True,
+                ).to(device)  # fmt: skip
+        else:
             layer = bnb.nn.Linear8bitLt(
                 linear.in_features, linear.out_features, bias=linear.bias is not None,
                 has_fp16_weights=False, threshold=6.0, device="meta",
             )  # fmt: skip
-            # bitsandbytes quantizes int8 on the way from the CPU.
-            layer.weight = bnb.nn.Int8Params(
-                weight.to("cpu", torch.float16), requires_grad=False, has_fp16_weights=False
-            ).to(device)
-        else:
-            raise ValueError(f"quantization kind must be 8bit or 4bit, got {kind!r}")
+            if not weight.is_meta:  # bitsandbytes quantizes int8 on the way from the CPU
+                layer.weight = bnb.nn.Int8Params(
+                    weight.to("cpu"), requires_grad=False, has_fp16_weights=False
+                ).to(device)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
         layer.requires_grad_(False)
