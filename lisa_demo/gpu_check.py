@@ -154,7 +154,6 @@ def check(
 
 def summary(report: dict) -> str:
     """A few lines per run: latencies, ratios, peaks against estimates, parity."""
-    ms = 1000.0
     lines = [f"LISA Studio GPU check, {report['date']}, commit {report['commit']}, "
              f"device {report['device']}, {report['elapsed_s']} s: "
              f"{'complete' if report['ok'] else 'INCOMPLETE'}"]  # fmt: skip
@@ -163,18 +162,22 @@ def summary(report: dict) -> str:
             lines.append(f"{name}: FAILED, {run['error']}")
             continue
         inf, way, gen, mem = run["inference"], run["lisa_way"], run["generation"], run["memory"]
-        first, parity = inf["first_query_s"], way["parity"]
+        first = {k: round(v * 1000) for k, v in inf["first_query_s"].items()}
+        second = round(inf["second_query_s"]["total"] * 1000)
+        answer = {k: round(way[k] * 1000)
+                  for k in ("first_question_s", "second_question_s", "lisa_way_s")}  # fmt: skip
+        parity = way["parity"]
         gpu = run["machine"].get("gpu", "no GPU")
         lines += [
             f"{name} ({run['device']}, {gpu}, {run['wall_s']} s):",
-            f"  first question {first['total'] * ms:.0f} ms (image {first['image_encoding'] * ms:.0f}"
-            f" / generation {first['generation'] * ms:.0f} / masks "
-            f"{first['mask_decoding'] * ms:.0f}); second {inf['second_query_s']['total'] * ms:.0f}"
-            f" ms ({inf['second_over_first']:.2f}x)",
-            f"  {way['new_tokens']}-token answer: generate with KV cache {gen['kv_cache_s'] * ms:.0f}"
-            f" ms, without {gen['no_cache_s'] * ms:.0f} ms; pipeline new image "
-            f"{way['first_question_s'] * ms:.0f} ms, same image {way['second_question_s'] * ms:.0f}"
-            f" ms; LISA's way {way['lisa_way_s'] * ms:.0f} ms ({way['lisa_way_over_ours']:.1f}x)",
+            f"  first question {first['total']} ms (image {first['image_encoding']} / "
+            f"generation {first['generation']} / masks {first['mask_decoding']}); second "
+            f"{second} ms ({inf['second_over_first']:.2f}x)",
+            f"  {way['new_tokens']}-token answer: generate with KV cache "
+            f"{gen['kv_cache_s'] * 1000:.0f} ms, without {gen['no_cache_s'] * 1000:.0f} ms; "
+            f"pipeline new image {answer['first_question_s']} ms, same image "
+            f"{answer['second_question_s']} ms; LISA's way {answer['lisa_way_s']} ms "
+            f"({way['lisa_way_over_ours']:.1f}x)",
             f"  peak inference {_mib(mem['inference_peak_mib'])} (estimate "
             f"{_mib(mem['inference_estimate_mib'])}{_error(mem['inference_estimate_error'])}); "
             f"QLoRA step {_mib(mem['training_peak_mib'])} (estimate "

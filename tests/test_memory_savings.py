@@ -76,8 +76,9 @@ def test_lean_token_rows_give_the_same_logits_gradients_and_state_without_a_full
     results = {}
     for name, loaded in (("plain", plain), ("lean", lean)):
         model = loaded.model
-        inputs = training_inputs(batches[0], CPU, EmbeddingCache("t"), model.encode_images,
-                                 EmbeddingCache("t/vision"), model.encode_image_features)  # fmt: skip
+        sam_cache, feature_cache = EmbeddingCache("t"), EmbeddingCache("t/vision")
+        inputs = training_inputs(batches[0], CPU, sam_cache, model.encode_images, feature_cache,
+                                 model.encode_image_features)  # fmt: skip
         with TensorsMade() as mode:
             out = model(**inputs)
             out.loss.backward()
