@@ -701,8 +701,10 @@ def run_benchmark(
     train_steps: int = 3,
     batch_size: int = 2,
     notes: list[str] | None = None,
+    answer_tokens: int = KV_TOKENS,
 ) -> dict:
-    """Every measurement of the module docstring, in one process; returns the JSON object."""
+    """Every measurement of the module docstring, in one process; returns the JSON object.
+    answer_tokens: length of the long answers (generation, LISA's own way)."""
     import torch
 
     from lisa_demo.loading import load_lisa, pick_device
@@ -710,6 +712,8 @@ def run_benchmark(
 
     if repeats < 1 or train_steps < 1 or batch_size < 1:
         raise ConfigError("--repeats, --train-steps and --batch-size must be at least 1")
+    if answer_tokens < 4:
+        raise ConfigError("--answer-tokens must be at least 4 (the forced answer and EOS)")
     device = pick_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but no CUDA GPU is available; use --device cpu")
@@ -718,8 +722,8 @@ def run_benchmark(
     loaded = load_lisa(cfg, device=device)
     reset_peak(device)
     inference = measure_inference(loaded, repeats)
-    generation = measure_generation(loaded, repeats)
-    lisa_way = measure_lisa_way(loaded, repeats)
+    generation = measure_generation(loaded, repeats, answer_tokens)
+    lisa_way = measure_lisa_way(loaded, repeats, answer_tokens)
     memory = {"after_inference_mib": round(peak_memory_mb(device), 1)}
     del loaded
     gc.collect()
@@ -867,6 +871,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (medians)")
     p.add_argument("--train-steps", type=int, default=3, help="training steps per timed block")
+    p.add_argument(
+        "--answer-tokens", type=int, default=KV_TOKENS,
+        help=f"length of the long answers: generation, LISA's own way (default {KV_TOKENS})",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--estimate-memory", action="store_true", help="estimate, measure nothing")
     p.add_argument("--seq-len", type=int, help="estimate: tokens per sample (576 image + text)")
@@ -909,8 +917,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_flush_denormal(True)
             notes.append("subnormal floats flushed to zero (--flush-denormal)")
         result = run_benchmark(
-            cfg, args.device, args.repeats, args.train_steps, args.batch_size or 2, notes
-        )
+            cfg, args.device, args.repeats, args.train_steps, args.batch_size or 2, notes,
+            args.answer_tokens,
+        )  # fmt: skip
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ Each is an option of ModelConfig that the memory estimator knows (lisa_demo.memo
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
@@ -81,6 +81,10 @@ def use_lean_token_rows(model: nn.Module) -> int:
 
 
 # A quantized frozen CLIP tower -------------------------------------------------------------------
+def _quiet_int8_cast(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
 def quantize_linears(module: nn.Module, kind: str, compute_dtype: torch.dtype) -> int:
     """Replace every nn.Linear inside `module` by a frozen bitsandbytes layer holding the same
     weights in `kind` ("8bit": LLM.int8 with outlier threshold 6, as transformers loads 8-bit;
@@ -90,8 +94,8 @@ def quantize_linears(module: nn.Module, kind: str, compute_dtype: torch.dtype) -
 
     if kind not in ("8bit", "4bit"):
         raise ValueError(f"quantization kind must be 8bit or 4bit, got {kind!r}")
-    if kind == "8bit":  # bitsandbytes says so at every call in a compute dtype other than fp16
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    if kind == "8bit":  # bitsandbytes logs this at every call in a compute dtype but fp16
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_quiet_int8_cast)
     targets = [(name, m) for name, m in module.named_modules() if type(m) is nn.Linear]
     for name, linear in targets:
         weight = linear.weight.detach()
