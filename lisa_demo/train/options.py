@@ -21,6 +21,7 @@ from lisa_demo.config import (
     preset,
 )
 from lisa_demo.data.synthetic import DEFAULT_EXTRA_FAMILIES, EXTRA_FAMILIES
+from lisa_demo.paths import CHECKPOINT, FILE, FOLDER, MODEL, OUTPUT_FOLDER, check_paths
 
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
@@ -456,7 +457,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse and validate; raises ConfigError (one clear line) on nonsense."""
     args = build_parser().parse_args(argv)
-    return TrainConfig(
+    cfg = TrainConfig(
         output_dir=args.output_dir,
         model=model_config_from_args(args),
         dataset=args.dataset,
@@ -506,3 +507,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         warmup_images=args.warmup_images,
         save_warmed=args.save_warmed,
     )
+    check_paths(*path_arguments(cfg, args))
+    return cfg
+
+
+def path_arguments(cfg: TrainConfig, args: argparse.Namespace) -> list[tuple]:
+    """(flag, value, kind) of every path the run reads or writes, for lisa_demo.paths."""
+    return [
+        ("--output-dir", cfg.output_dir, OUTPUT_FOLDER),
+        ("--dataset", cfg.dataset, FOLDER, "a folder with train/ and val/ (ReasonSeg layout)"),
+        ("--explanations", cfg.explanations, FILE, "a JSON file of explanations"),
+        ("--resume", cfg.resume, CHECKPOINT, "a run folder or a checkpoint folder"),
+        ("--init-from", cfg.init_from, CHECKPOINT, "a checkpoint folder or a run folder"),
+        ("--embedding-cache-dir", cfg.embedding_cache_dir, OUTPUT_FOLDER),
+        ("--llava", args.llava, MODEL),
+        ("--sam", args.sam, MODEL),
+    ]
