@@ -160,7 +160,7 @@ def test_an_exception_at_any_step_keeps_the_previous_folder(tmp_path, monkeypatc
     n_steps = len(count_steps(tmp_path, monkeypatch, previous=True))
     for at in range(1, n_steps):  # the last step, rmtree(ignore_errors=True), never raises
 
-        def fail() -> None:
+        def fail(at: int = at) -> None:
             raise RuntimeError(f"injected at step {at}")
 
         parent = tmp_path / f"raise-{at}"

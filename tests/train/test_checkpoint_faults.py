@@ -8,6 +8,7 @@ filesystem step (tests/test_atomic.py counts them); the parent then reads what i
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -165,8 +166,10 @@ def test_the_loader_and_clis_read_a_checkpoint_caught_between_its_renames(
     code = infer_main([*argv, "--checkpoint", str(best), "--out-dir", str(tmp_path / "masks")])
     assert code == 0, capsys.readouterr().err
 
-    code = train_main(["--synthetic", "4", "--preset", "tiny-random", "--output-dir", str(run),
-                       "--resume", str(run), "--max-steps", "3", "--seg-rate-samples", "0"])  # fmt: skip
+    code = train_main(
+        ["--synthetic", "4", "--preset", "tiny-random", "--output-dir", str(run),
+         "--resume", str(run), "--max-steps", "3", "--seg-rate-samples", "0"]
+    )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     start = next(e for e in _events(run) if e["event"] == "start")
     assert start["start_step"] == 1  # `last` still held version 1 when the kill came
@@ -175,6 +178,4 @@ def test_the_loader_and_clis_read_a_checkpoint_caught_between_its_renames(
 
 
 def _events(run: Path) -> list[dict]:
-    import json
-
     return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
