@@ -216,6 +216,7 @@ class SegmentationResult:
     timings: dict[str, float]  # seconds: image_encoding, generation, mask_decoding, total
     cache_hit: bool  # whether the image encodings came from the cache
     message: str | None = None  # why there is no (or an empty) mask, when that happens
+    token_ids: list[int] | None = None  # the generated tokens (EOS excluded)
 
 
 @dataclass
@@ -244,6 +245,7 @@ class _Answer:
     text: str
     seg_states: torch.Tensor  # [n, H], last layer after the final norm
     truncated: bool  # stopped at max_new_tokens rather than at EOS
+    tokens: list[int]  # generated ids, EOS excluded
 
 
 # The pipeline -------------------------------------------------------------------------------
@@ -355,6 +357,7 @@ class LisaPipeline:
                 timings=dict(timings),
                 cache_hit=cache_hit,
                 message=self._message(answer, answer_masks, threshold),
+                token_ids=answer.tokens,
             )
             for answer, answer_masks in zip(answers, masks, strict=True)
         ]
@@ -468,6 +471,7 @@ class LisaPipeline:
                     text=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                     seg_states=row_states[:end][is_seg.to(row_states.device)],
                     truncated=eos_id not in row,
+                    tokens=tokens,
                 )
             )
         return answers
