@@ -42,6 +42,7 @@ from lisa_demo.config import (
     QUANTIZATIONS,
     ConfigError,
     ModelConfig,
+    base_model_config,
     preset,
 )
 
@@ -80,14 +81,19 @@ def bundled_model_available() -> bool:
 
 
 def model_config(args: argparse.Namespace, notes: list[str]) -> ModelConfig:
-    """The preset with the command line's overrides; "tiny" falls back to tiny-random."""
+    """The preset (or --model folder) with the command line's overrides; "tiny" falls back to
+    tiny-random."""
     name = args.preset
-    if name == "tiny" and not bundled_model_available():
+    if args.model is not None:
+        if args.random_weights or args.sam:
+            raise ConfigError("--model loads a full-model folder: drop --random-weights and --sam")
+        name = None
+    elif name == "tiny" and not bundled_model_available():
         notes.append(
             f"the bundled model ({BUNDLED_MODEL_DIR}) is not there yet: using --preset tiny-random"
         )
         name = "tiny-random"
-    cfg = preset(name)
+    cfg = base_model_config(name, args.model) if args.model is not None else preset(name)
     changes: dict[str, object] = {}
     if args.random_weights:
         if cfg.build_tiny or name == "tiny":
@@ -570,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
         "peak GPU memory of a configuration (--estimate-memory).",
     )
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--model", metavar="DIR", help="full-model folder (a converted LISA)")
     p.add_argument("--random-weights", action="store_true", help="llava-1.5-7b, no download")
     p.add_argument("--sam", choices=SAM_CHOICES, help="SAM ViT size (llava-1.5-7b presets)")
     p.add_argument("--quantization", choices=QUANTIZATIONS)

@@ -248,6 +248,21 @@ PRESETS: dict[str, object] = {
 }
 
 
+def base_model_config(
+    preset_name: str | None,
+    model_dir: str | Path | None = None,
+    llava: str | None = None,
+    sam: str | None = None,
+) -> ModelConfig:
+    """What a CLI's model options name: `--model DIR` (a full-model folder), else the preset
+    (default "tiny", the bundled model). `--model` excludes `--preset`, `--llava` and `--sam`."""
+    if model_dir is None:
+        return preset(preset_name or "tiny")
+    if preset_name is not None or llava or sam:
+        raise ConfigError("--model names the whole model: drop --preset, --llava and --sam")
+    return full_model_config(model_dir)
+
+
 def preset(name: str) -> ModelConfig:
     """Return a fresh ModelConfig for a named preset; unknown names list the known ones."""
     if name not in PRESETS:

@@ -665,7 +665,11 @@ def _check_out(out: Path, force: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+
     from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

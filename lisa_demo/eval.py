@@ -117,10 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--checkpoint", type=Path, help="score a fine-tuned checkpoint")
     source.add_argument(
-        "--model-only", action="store_true", help="score the --preset / --llava --sam model"
+        "--model-only",
+        action="store_true",
+        help="score the --model (or --preset / --llava --sam) model itself",
     )
     model = parser.add_argument_group("model scoring (with --checkpoint or --model-only)")
-    model.add_argument("--preset", default="tiny", help="base model preset (default: tiny)")
+    model.add_argument("--model", type=Path, metavar="DIR", help="full-model folder to score")
+    model.add_argument("--preset", default=None, help="base model preset (default: tiny)")
     model.add_argument("--llava", default=None, help="LLaVA Hub id or folder (overrides)")
     model.add_argument("--sam", default=None, help="SAM Hub id or folder (overrides)")
     model.add_argument("--quantization", choices=QUANTIZATIONS, default=None)
@@ -162,7 +165,7 @@ def _report(accumulator: IoUAccumulator, missing: list[str], as_json: bool) -> N
 def score_model_cli(args: argparse.Namespace) -> int:
     """Run a model on the split with the training-time validation code and print its scores."""
     from lisa_demo.checkpoint import CheckpointError
-    from lisa_demo.config import ConfigError, preset
+    from lisa_demo.config import ConfigError, base_model_config
     from lisa_demo.loading import ModelLoadError, load_lisa
     from lisa_demo.train.evaluate import score_model
 
@@ -170,7 +173,7 @@ def score_model_cli(args: argparse.Namespace) -> int:
         queries = "all" if args.all_queries else "first"
         dataset = ReasonSegDataset(args.dataset, queries=queries)
         print(dataset.report.summary(), file=sys.stderr)
-        cfg = preset(args.preset)
+        cfg = base_model_config(args.preset, args.model, args.llava, args.sam)
         overrides = {k: getattr(args, k) for k in ("quantization", "precision") if getattr(args, k)}
         if args.llava or args.sam:
             overrides.update(llava=args.llava or cfg.llava, sam=args.sam or cfg.sam)

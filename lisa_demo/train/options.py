@@ -18,7 +18,7 @@ from lisa_demo.config import (
     ConfigError,
     LossWeights,
     ModelConfig,
-    preset,
+    base_model_config,
 )
 from lisa_demo.data.synthetic import DEFAULT_EXTRA_FAMILIES, EXTRA_FAMILIES
 
@@ -230,7 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="share (0-1) of explained answers that name the target first, ending in [SEG]",
     )
     _add(p, "output-dir", type=Path, required=True)
-    _add(p, "preset", default="tiny", help=f"model preset: {', '.join(PRESETS)}")
+    _add(
+        p,
+        "model",
+        type=Path,
+        default=None,
+        help="full-model folder to fine-tune (assets/tiny-lisa, a converted LISA)",
+    )
+    _add(p, "preset", default=None, help=f"model preset (default tiny): {', '.join(PRESETS)}")
     _add(p, "llava", default=None, help="LLaVA Hub id or folder (overrides the preset)")
     _add(p, "sam", default=None, help="SAM Hub id or folder (overrides the preset)")
     _add(p, "quantization", choices=QUANTIZATIONS, default=None)
@@ -417,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
-    cfg = preset(args.preset)
+    cfg = base_model_config(args.preset, args.model, args.llava, args.sam)
     changes: dict[str, object] = {}
     for name in (
         "llava",
