@@ -30,8 +30,8 @@ IGNORE_VALUE = 255
 QUERY_MODES = ("all", "first", "random")
 EXPECTED_LAYOUT = "a ReasonSeg folder of NAME.jpg + NAME.json pairs (NAME.jpeg/.png also read)"
 
-_EXIF_ORIENTATION_TAG = 0x0112
-_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+EXIF_ORIENTATION_TAG = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _INT32_LIMIT = 2.0**31  # polygon coordinates must convert to int32 pixels
 # What PIL raises on a corrupt or truncated header, depending on the format plugin.
 _HEADER_ERRORS = (
@@ -285,10 +285,10 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+            orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
     except _HEADER_ERRORS as error:
         raise DataError(f"{path} is not a readable image: {error}") from error
-    if orientation in _TRANSPOSED_ORIENTATIONS:
+    if orientation in TRANSPOSED_ORIENTATIONS:
         width, height = height, width
     return height, width
 
