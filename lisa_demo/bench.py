@@ -235,14 +235,13 @@ def measure_generation(loaded, repeats: int, new_tokens: int = KV_TOKENS) -> dic
         encode_image,
         encode_text,
         image_token_count,
-        prompt_template,
     )
 
     llava = loaded.model.base_llava
     tokenizer = loaded.tokenizer
     encoded = encode_image(scene(11), loaded.processor, loaded.sam_processor)
-    n_image, template = image_token_count(loaded.processor), prompt_template(loaded.processor)
-    ids, _ = encode_text(tokenizer, QUESTIONS[0], None, n_image, template)
+    n_image = image_token_count(loaded.processor)
+    ids, _ = encode_text(tokenizer, QUESTIONS[0], None, n_image, loaded.prompt_format)
     batch = collate_text([ids], None, tokenizer.pad_token_id)
     vision_dtype = next(llava.model.vision_tower.parameters()).dtype
     inputs = {name: tensor.to(loaded.device) for name, tensor in batch.items()}
@@ -288,7 +287,9 @@ def training_batches(loaded, folder: Path, batch_size: int, count: int) -> list[
 
     generate_dataset(folder, {"train": TRAIN_IMAGES}, seed=0)
     dataset = ReasonSegDataset(folder / "train", queries="all", seed=0)
-    batcher = SampleBatcher(loaded.processor, loaded.sam_processor, seed=0)
+    batcher = SampleBatcher(
+        loaded.processor, loaded.sam_processor, seed=0, fmt=loaded.prompt_format
+    )
     batches = []
     for n in range(count):
         indices = [(n * batch_size + i) % len(dataset) for i in range(batch_size)]
