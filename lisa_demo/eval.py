@@ -4,8 +4,9 @@
 
 PRED_DIR holds one PNG per scored query: NAME.png for each image's first query (LISA's
 protocol), or NAME_q{index}.png (0-based query index) for every query with --all-queries.
-Non-zero pixels are foreground. A missing file counts as an empty mask and is reported on
-stderr. Ignore pixels of the ground truth are excluded.
+Non-zero pixels are foreground; masks are read as displayed (their EXIF orientation applied)
+and must match the image as displayed. A missing file counts as an empty mask and is reported
+on stderr. Ignore pixels of the ground truth are excluded.
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from lisa_demo.config import PRECISIONS, QUANTIZATIONS
-from lisa_demo.data.reasonseg import DataError, ReasonSegDataset, Sample
+from lisa_demo.data.reasonseg import (
+    EXIF_ORIENTATION_TAG,
+    TRANSPOSED_ORIENTATIONS,
+    DataError,
+    ReasonSegDataset,
+    Sample,
+)
 from lisa_demo.metrics import IoUAccumulator, intersection_union
 
 
@@ -35,26 +42,51 @@ def prediction_name(sample: Sample, all_queries: bool) -> str:
     return f"{name}_q{sample.query_index}.png" if all_queries else f"{name}.png"
 
 
-def load_prediction(path: Path, height: int, width: int) -> np.ndarray:
+def load_prediction(
+    path: Path, height: int, width: int, image_path: Path | None = None
+) -> np.ndarray:
     """Read a prediction mask: bool [height, width], True where any non-alpha band is non-zero.
+
+    The mask is read as displayed: an EXIF orientation in the PNG itself is applied, as it is
+    to the images. height and width are the image's size after its own EXIF orientation.
+
+    Args:
+        image_path: the scored image; when given, a prediction saved at the image's stored size
+            (its EXIF orientation not applied) is named as such in the error.
 
     Raises:
         PredictionError: unreadable file, or a size other than the image's.
     """
     try:
         with Image.open(path) as image:
-            pixels = np.array(image)
-            colour_bands = [i for i, band in enumerate(image.getbands()) if band != "A"]
+            oriented = ImageOps.exif_transpose(image)
+            pixels = np.array(oriented)
+            colour_bands = [i for i, band in enumerate(oriented.getbands()) if band != "A"]
     except (OSError, SyntaxError, ValueError) as error:
         raise PredictionError(f"cannot read prediction {path}: {error}") from error
     if pixels.shape[:2] != (height, width):
-        raise PredictionError(
-            f"prediction {path} is {pixels.shape[1]}x{pixels.shape[0]} (WxH) but its image is "
-            f"{width}x{height}; save masks at the original image size"
-        )
+        found = f"{pixels.shape[1]}x{pixels.shape[0]}"
+        mismatch = f"prediction {path} is {found} (WxH) but its image is {width}x{height}"
+        orientation = None if image_path is None else _transposing_orientation(image_path)
+        if orientation is not None and pixels.shape[:2] == (width, height):
+            raise PredictionError(
+                f"{mismatch} as displayed (EXIF orientation {orientation}; the file stores "
+                f"{found}); save masks in the displayed orientation (PIL.ImageOps.exif_transpose)"
+            )
+        raise PredictionError(f"{mismatch}; save masks at the original image size")
     if pixels.ndim == 3:
         return pixels[..., colour_bands].any(axis=-1)  # alpha is not a foreground signal
     return pixels != 0
+
+
+def _transposing_orientation(image_path: Path) -> int | None:
+    """The image file's EXIF orientation when it swaps width and height, else None."""
+    try:
+        with Image.open(image_path) as image:
+            orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return orientation if orientation in TRANSPOSED_ORIENTATIONS else None
 
 
 def score_prediction_folder(
@@ -83,7 +115,7 @@ def score_prediction_folder(
         path = pred_dir / file_name
         found = path.is_file()
         if found:
-            pred = load_prediction(path, record.height, record.width)
+            pred = load_prediction(path, record.height, record.width, record.image_path)
         else:
             missing.append(file_name)
             pred = np.zeros((record.height, record.width), dtype=bool)
