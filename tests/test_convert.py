@@ -276,3 +276,9 @@ def test_fine_tune_from_a_converted_lisa_continues_from_its_weights(converted, t
     assert len(pipeline.segment(_image(), QUESTION).token_ids) == 2
     with pytest.raises(CheckpointError, match="made for"):
         load_lisa(full_model_config(BUNDLED_MODEL_DIR), checkpoint=last, device="cpu")
+
+
+def test_a_hub_model_id_that_cannot_be_fetched_says_how_to_download(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="hf download someone/lisa-7b-studio --local-dir DIR"):
+        full_model_config("someone/lisa-7b-studio")
