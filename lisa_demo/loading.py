@@ -25,6 +25,7 @@ from lisa_demo.config import (
     ConfigError,
     ModelConfig,
 )
+from lisa_demo.inputs import PromptFormat, prompt_format
 from lisa_demo.model import LisaModel
 
 log = logging.getLogger("lisa_demo.loading")
@@ -57,6 +58,12 @@ class LoadedLisa:
     @property
     def seg_token_id(self) -> int:
         return self.model.seg_token_id
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """How this model's prompts are written and tokenized (its manifest says, else the
+        processor's chat template)."""
+        return prompt_format(self.processor, self.config.prompt_format)
 
     def manifest(self, **extra: object) -> dict:
         """What a checkpoint of this model must record to be reloaded onto the same base."""

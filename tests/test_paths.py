@@ -30,26 +30,34 @@ ARGUMENTS = [
     ("train", "--explanations", FILE),
     ("train", "--resume", CHECKPOINT),
     ("train", "--init-from", CHECKPOINT),
+    ("train", "--model", MODEL),
     ("train", "--embedding-cache-dir", OUTPUT_FOLDER),
     ("train", "--llava", MODEL),
     ("train", "--sam", MODEL),
     ("infer", "--image", FILE),
     ("infer", "--checkpoint", CHECKPOINT),
+    ("infer", "--model", MODEL),
     ("infer", "--llava", MODEL),
     ("infer", "--sam", MODEL),
     ("infer", "--out-dir", OUTPUT_FOLDER),
     ("eval", "--dataset", FOLDER),
     ("eval", "--predictions", FOLDER),
     ("eval", "--checkpoint", CHECKPOINT),
+    ("eval", "--model", MODEL),
     ("eval", "--per-sample", OUTPUT_FILE),
     ("eval", "--llava", MODEL),
     ("eval", "--sam", MODEL),
+    ("bench", "--model", MODEL),
     ("synthetic", "--out", OUTPUT_FOLDER),
     ("tiny", "--out", OUTPUT_FOLDER),
     ("examples", "--out", OUTPUT_FOLDER),
     ("bundle", "--model", FOLDER),
     ("bundle", "--run", FOLDER),
     ("bundle", "--out", OUTPUT_FOLDER),
+    ("convert", "--lisa", MODEL),
+    ("convert", "--clip", MODEL),
+    ("convert", "--out", OUTPUT_FOLDER),
+    ("tiny_lisa", "--out", OUTPUT_FOLDER),
     ("app", "--llava", MODEL),
     ("app", "--sam", MODEL),
     ("app", "--checkpoint", CHECKPOINT),
@@ -87,6 +95,12 @@ def main_of(cli: str):
         from lisa_demo.data.examples import main
     elif cli == "bundle":
         from lisa_demo.bundle import main
+    elif cli == "bench":
+        from lisa_demo.bench import main
+    elif cli == "convert":
+        from lisa_demo.convert import main
+    elif cli == "tiny_lisa":
+        from lisa_demo.tiny_lisa import main
     else:
         import app
 
@@ -103,22 +117,25 @@ def main_of(cli: str):
 def good_arguments(cli: str, flag: str, root: Path) -> list[str]:
     """Arguments that pass every path check, in the mode that reads `flag`."""
     data, image = root / "data", root / "scene.png"
+    model = [] if flag == "--model" else ["--preset", "tiny-random"]  # --model excludes it
     if cli == "train":
         source = [] if flag == "--dataset" else ["--synthetic", "4"]
-        return [*source, "--output-dir", str(root / "out"), "--preset", "tiny-random"]
+        return [*source, "--output-dir", str(root / "out"), *model]
     if cli == "infer":
-        return ["--image", str(image), "--query", "the red square", "--preset", "tiny-random"]
+        return ["--image", str(image), "--query", "the red square", *model]
     if cli == "eval":
         if flag == "--predictions":
             return ["--dataset", str(data)]
         mode = [] if flag == "--checkpoint" else ["--model-only"]
-        return ["--dataset", str(data), *mode, "--preset", "tiny-random"]
-    if cli in ("synthetic", "tiny", "examples"):
+        return ["--dataset", str(data), *mode, *model]
+    if cli == "convert":
+        return ["--lisa", str(root / "model"), "--out", str(root / "out")]
+    if cli in ("synthetic", "tiny", "examples", "tiny_lisa"):
         counts = ["--train", "1", "--val", "1"] if cli == "synthetic" else []
         return ["--out", str(root / "out"), *counts]
     if cli == "bundle":
         return ["--model", str(root / "model"), "--out", str(root / "out")]
-    return ["--preset", "tiny-random"]
+    return model  # bench, app
 
 
 def with_value(argv: list[str], flag: str, value: str) -> list[str]:
@@ -177,7 +194,7 @@ def test_a_bad_path_is_one_line_and_exit_2_before_any_work(
 
 def path_options(parser: argparse.ArgumentParser) -> set[str]:
     """The long flags of a parser that take a path (typed Path, or a model/image/checkpoint)."""
-    named = ("llava", "sam", "checkpoint", "image")
+    named = ("llava", "sam", "checkpoint", "image", "model", "lisa", "clip")
     return {
         next(f for f in action.option_strings if f.startswith("--") and "_" not in f)
         for action in parser._actions
@@ -188,16 +205,17 @@ def path_options(parser: argparse.ArgumentParser) -> set[str]:
 
 def test_the_table_covers_every_path_option_of_every_parser():
     from lisa_demo.bench import build_parser as bench
+    from lisa_demo.convert import build_parser as convert
     from lisa_demo.data.synthetic import _parser as synthetic
     from lisa_demo.eval import build_parser as eval_
     from lisa_demo.infer.cli import build_parser as infer
     from lisa_demo.train.options import build_parser as train
 
-    parsers = {"train": train, "infer": infer, "eval": eval_, "synthetic": synthetic}
+    parsers = {"train": train, "infer": infer, "eval": eval_, "bench": bench}
+    parsers |= {"synthetic": synthetic, "convert": convert}
     for cli, build in parsers.items():
         covered = {flag for name, flag, _ in ARGUMENTS if name == cli}
         assert path_options(build()) == covered, cli
-    assert path_options(bench()) == set()  # the benchmark reads and writes no path
 
 
 def test_model_sources_may_be_hub_ids_and_outputs_may_be_new(tmp_path):

@@ -16,7 +16,14 @@ import math
 import sys
 from pathlib import Path
 
-from lisa_demo.config import PRECISIONS, PRESETS, QUANTIZATIONS, ConfigError, ModelConfig, preset
+from lisa_demo.config import (
+    PRECISIONS,
+    PRESETS,
+    QUANTIZATIONS,
+    ConfigError,
+    ModelConfig,
+    base_model_config,
+)
 from lisa_demo.paths import (
     CHECKPOINT,
     CHECKPOINT_FOLDER,
@@ -38,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--query", required=True, help="the question, used verbatim")
     parser.add_argument("--checkpoint", help="fine-tuned checkpoint folder written by training")
     parser.add_argument(
-        "--preset", default="tiny", choices=list(PRESETS), help="model preset (default: tiny)"
+        "--model",
+        metavar="DIR",
+        help="full-model folder (assets/tiny-lisa, a converted LISA; default: the bundled model)",
+    )
+    parser.add_argument(
+        "--preset", choices=list(PRESETS), help="model preset instead of --model (default: tiny)"
     )
     parser.add_argument("--llava", help="LLaVA Hub id or local folder (overrides the preset's)")
     parser.add_argument("--sam", help="SAM Hub id or local folder (overrides the preset's)")
@@ -60,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     """The preset, with the sources, quantization and precision the user overrode."""
-    cfg = preset(args.preset)
+    cfg = base_model_config(args.preset, args.model, args.llava, args.sam)
     if args.llava or args.sam:
         llava, sam = cfg.llava, cfg.sam
         if cfg.build_tiny and not (args.llava and args.sam):
@@ -145,6 +157,7 @@ def path_arguments(args: argparse.Namespace) -> list[tuple]:
     return [
         ("--image", args.image, FILE, "an image file"),
         ("--checkpoint", args.checkpoint, CHECKPOINT, CHECKPOINT_FOLDER),
+        ("--model", args.model, MODEL),
         ("--llava", args.llava, MODEL),
         ("--sam", args.sam, MODEL),
         ("--out-dir", mask_folder(args), OUTPUT_FOLDER),

@@ -280,6 +280,7 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         seed=cfg.seed,
         explanation_lead=cfg.explanation_lead,
         image_capacity=cfg.image_store_size,
+        fmt=loaded.prompt_format,
     )
     # Frozen image encoders (every run but --train-all): SAM's image embeddings and LLaVA's
     # projected vision features are computed once per image, then reused.
