@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from lisa_demo.config import PRESETS, QUANTIZATIONS
+from lisa_demo.paths import CHECKPOINT, CHECKPOINT_FOLDER, MODEL, check_cli_paths
 from lisa_demo.ui import AppSettings, allowed_paths, build_app, default_host
 
 
@@ -27,6 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if check_cli_paths(
+        ("--llava", args.llava, MODEL),
+        ("--sam", args.sam, MODEL),
+        ("--checkpoint", args.checkpoint, CHECKPOINT, CHECKPOINT_FOLDER),
+    ):
+        raise SystemExit(2)
     settings = AppSettings.from_env(
         preset=args.preset,
         llava=args.llava,
