@@ -111,6 +111,11 @@ def model_config(args: argparse.Namespace, notes: list[str]) -> ModelConfig:
                 "--random-weights is for the full-size presets (llava-1.5-7b, lisa-*)"
             )
         changes["random_weights"] = True
+        if cfg.prompt_format == "llava_v1":
+            # The tiny tokenizer would spell LISA's system prompt in characters (98 tokens,
+            # LLaMA's has about 40): llava-1.5's image-first prompt, 4 tokens before the image.
+            changes["prompt_format"] = None
+            notes.append("random weights: llava-1.5's prompt instead of LISA's llava_v1")
     if args.sam:
         if cfg.build_tiny or name == "tiny":
             raise ConfigError("--sam picks a full-size SAM: use it with a full-size preset")
@@ -337,14 +342,14 @@ def lisa_way_segment(loaded, image, question: str, processor) -> dict:
     """
     import torch
 
-    from lisa_demo.inputs import encode_image, encode_text, image_token_count, prompt_template
+    from lisa_demo.inputs import encode_image, encode_text, image_token_count
     from lisa_demo.model import seg_query_mask
 
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     llava = model.base_llava
     encoded = encode_image(image, loaded.processor, loaded.sam_processor)
-    n_image, template = image_token_count(loaded.processor), prompt_template(loaded.processor)
-    prompt = encode_text(tokenizer, question, None, n_image, template)[0]
+    n_image = image_token_count(loaded.processor)
+    prompt = encode_text(tokenizer, question, None, n_image, loaded.prompt_format)[0]
     vision_dtype = next(llava.model.vision_tower.parameters()).dtype
     with torch.inference_mode():
         embeddings = model.encode_images(encoded.sam_pixel_values[None].to(device))

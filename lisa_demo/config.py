@@ -32,7 +32,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 # The real-size architectures `random_weights` builds (lisa_demo.architectures.ARCHITECTURES).
 ARCHITECTURE_NAMES = ("llava-1.5-7b", "lisa-7b", "lisa-13b")
-MODELS_DIR = "models"  # where converted full models go by default: models/<preset name>/
 
 # Regex (peft full-match on the module name) that adapts the language model only. A plain
 # ["q_proj", "v_proj"] list would also adapt the CLIP vision tower of LLaVA.
@@ -295,11 +294,13 @@ def _llava_7b(sam: str) -> ModelConfig:
 
 
 def _lisa(name: str, architecture: str) -> ModelConfig:
-    """An official LISA checkpoint converted to models/<name> (python -m lisa_demo.convert)."""
-    folder = f"{MODELS_DIR}/{name}"
+    """An official LISA checkpoint converted into the models folder (models/<name> unless
+    LISA_MODELS_DIR says otherwise) by python -m lisa_demo.convert; LISA's llava_v1 prompt."""
+    folder = models_dir() / name
     return _qlora(
-        llava=f"{folder}/llava", sam=f"{folder}/sam", heads=folder, architecture=architecture
-    )
+        llava=str(folder / "llava"), sam=str(folder / "sam"), heads=str(folder),
+        architecture=architecture, prompt_format="llava_v1",
+    )  # fmt: skip
 
 
 # Each preset: what it is for, and how to run it.

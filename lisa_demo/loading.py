@@ -20,11 +20,11 @@ from lisa_demo import checkpoint as ckpt
 from lisa_demo.config import (
     BUNDLED_MODEL_DIR,
     IMAGE_TOKEN,
-    MODELS_DIR,
     QUANTIZATION_SKIP_MODULES,
     SEG_TOKEN,
     ConfigError,
     ModelConfig,
+    models_dir,
 )
 from lisa_demo.inputs import PromptFormat, prompt_format
 from lisa_demo.model import LisaModel
@@ -139,8 +139,8 @@ def _fetch_error(kind: str, source: str, err: Exception) -> ModelLoadError:
             f"Could not load the {kind} model: the folder {source} is not a transformers "
             f"{kind} model ({err}). Pass a folder written by save_pretrained, or --preset tiny."
         )
-    if source.startswith(f"{MODELS_DIR}/"):
-        folder = source.rsplit("/", 1)[0]
+    if path.is_relative_to(models_dir()):  # a LISA preset's converted model, not there yet
+        folder = path.parent
         return ModelLoadError(
             f"Could not load the {kind} model: {source} does not exist. Convert the official "
             f"LISA checkpoint into {folder} once (python -m lisa_demo.convert --lisa ID_OR_DIR "

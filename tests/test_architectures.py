@@ -173,10 +173,14 @@ def test_lisa_sam_is_vit_h_with_the_original_decoder_epsilon():
      ("lisa-13b-llama2-v1", "lisa-13b"), ("lisa-13b-llama2-v1-explanatory", "lisa-13b")],
 )  # fmt: skip
 def test_lisa_presets_point_at_the_converted_folder_and_train_like_llava_7b(name, architecture):
+    from lisa_demo.config import models_dir
+
     cfg = preset(name)
     assert cfg.architecture == architecture
-    assert (cfg.llava, cfg.sam, cfg.heads) == (f"models/{name}/llava", f"models/{name}/sam",
-                                               f"models/{name}")  # fmt: skip
+    folder = models_dir() / name  # models/<name> unless LISA_MODELS_DIR says otherwise
+    assert (cfg.llava, cfg.sam, cfg.heads) == (str(folder / "llava"), str(folder / "sam"),
+                                               str(folder))  # fmt: skip
+    assert cfg.prompt_format == "llava_v1"
     qlora = preset("llava-1.5-7b")
     for field in ("precision", "quantization", "use_lora", "lora_r", "lora_targets",
                   "gradient_checkpointing", "lean_token_rows", "vision_quantization",
