@@ -42,11 +42,13 @@ GPU_RUNS: dict[str, list[str]] = {
     "lisa-7b-4bit-sam-huge": ["--preset", "lisa-7b-v1", "--random-weights", "--quantization",
                               "4bit", *QLORA],
 }  # fmt: skip
-# The same code paths on the tiny model (bitsandbytes' CPU kernels): a rehearsal.
+# The same code paths on the tiny model (bitsandbytes' CPU kernels): a rehearsal. One thread:
+# on a shared CPU, more threads than free cores make a tiny model tens of times slower.
 CPU_RUNS: dict[str, list[str]] = {
     "tiny-random-4bit": ["--preset", "tiny-random", "--quantization", "4bit", "--lora-r", "8",
-                         "--flush-denormal", *QLORA],
-    "tiny-4bit": ["--preset", "tiny", "--quantization", "4bit", "--lora-r", "8", *QLORA],
+                         "--flush-denormal", "--threads", "1", *QLORA],
+    "tiny-4bit": ["--preset", "tiny", "--quantization", "4bit", "--lora-r", "8", "--threads",
+                  "1", *QLORA],
 }  # fmt: skip
 
 # Dotted paths every run's JSON must hold (values may be null where only a GPU measures).
