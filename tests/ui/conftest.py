@@ -25,6 +25,7 @@ from tests.ui.fakes import FakeBackend  # noqa: E402
 FAKE_TRAINER = "tests.ui.fake_trainer"
 EXAMPLE_QUERY = "Which shape is red? Please segment it."
 SQUARE = (slice(30, 70), slice(40, 100))  # rows, columns of the red square
+TINY_LISA_NAME = "tiny-lisa-v1"  # the converted tiny LISA's folder in converted_models_dir
 
 
 def free_port() -> int:
@@ -115,3 +116,18 @@ def no_run_after() -> Iterator[None]:
     wait_for_no_run()
     yield
     wait_for_no_run()
+
+
+@pytest.fixture(scope="session")
+def converted_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder (LISA_MODELS_DIR) holding one full model, tiny-lisa-v1: the tiny random
+    LISA in LISA's checkpoint layout, converted in fp32 (about 15 s, once per session)."""
+    from lisa_demo.convert import convert
+    from lisa_demo.tiny_lisa import write_tiny_lisa
+
+    root = tmp_path_factory.mktemp("converted")
+    source = write_tiny_lisa(root / "lisa-src")
+    out = root / "models" / TINY_LISA_NAME
+    out.mkdir(parents=True)
+    convert(source, out, dtype_name="fp32", log=lambda _: None)
+    return out.parent

@@ -71,7 +71,7 @@ def test_quantization_precision_and_lora_settings_change_the_estimate(estimate) 
         (("tiny-random", PRESET_DEFAULT, PRESET_DEFAULT, None, TARGETS, 2), "LoRA rank"),
         (("tiny-random", PRESET_DEFAULT, PRESET_DEFAULT, 8, [], 2), "LoRA target"),
         (("tiny-random", PRESET_DEFAULT, PRESET_DEFAULT, 8, TARGETS, None), "batch size"),
-        (("no-such-preset", PRESET_DEFAULT, PRESET_DEFAULT, 8, TARGETS, 2), "unknown preset"),
+        (("no-such-preset", PRESET_DEFAULT, PRESET_DEFAULT, 8, TARGETS, 2), "unknown model"),
         (("tiny-random", "3bit", PRESET_DEFAULT, 8, TARGETS, 2), "quantization must be"),
     ],
 )
@@ -91,7 +91,7 @@ def test_estimate_runs_on_load_and_on_every_setting_change(tmp_path: Path) -> No
     (block_fn,) = [f for f in demo.fns.values() if f.name == "estimate_training_memory"]
     events = {event for _, event in block_fn.targets}
     assert "load" in events
-    labels = {"Model preset", "Quantization", "Precision", "LoRA rank", "LoRA targets",
+    labels = {"Model to fine-tune", "Quantization", "Precision", "LoRA rank", "LoRA targets",
               "Batch size", "Train the image projector too"}  # fmt: skip
     assert {component.label for component in block_fn.inputs} == labels
     changed = {target for target, event in block_fn.targets if event == "change"}
