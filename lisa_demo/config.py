@@ -177,9 +177,29 @@ def read_full_model_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+def resolve_model_dir(name: str | Path) -> Path:
+    """A full-model folder as given, or a Hub model repo ("USER/NAME") holding one, downloaded
+    once into the Hub cache (a converted LISA uploaded with `hf upload`)."""
+    path = Path(name).expanduser()
+    text = str(name)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text))
+    except Exception as err:  # offline, private, unknown: the same advice
+        raise ConfigError(
+            f"model folder not found: {text} is not a local folder and could not be downloaded "
+            f"from the Hugging Face Hub ({type(err).__name__}); download it where you have "
+            f"network access (`hf download {text} --local-dir DIR`) and pass --model DIR"
+        ) from err
+
+
 def full_model_config(folder: str | Path) -> ModelConfig:
-    """The ModelConfig of a full-model folder (the bundled model, a converted LISA)."""
-    path = Path(folder).expanduser().resolve()
+    """The ModelConfig of a full-model folder (the bundled model, a converted LISA), or of a Hub
+    repo holding one."""
+    path = resolve_model_dir(folder)
     manifest = read_full_model_manifest(path)
     precision = manifest.get("precision", "fp32")
     return ModelConfig(

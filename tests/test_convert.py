@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lisa_demo.config import ConfigError, full_model_config
+from lisa_demo.config import BUNDLED_MODEL_DIR, ConfigError, full_model_config
 from lisa_demo.convert import ConvertError, convert, main, resolve_source
 from lisa_demo.tiny_lisa import write_tiny_lisa
 from tests.lisa_reference import SYSTEM, LisaReference, LisaTokenizer
@@ -237,3 +237,48 @@ def test_a_checkpoint_folder_is_not_a_full_model(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "lisa-studio-checkpoint"}))
     with pytest.raises(ConfigError, match="--checkpoint"):
         full_model_config(tmp_path)
+
+
+# Fine-tuning from a converted LISA -----------------------------------------------------------
+def test_fine_tune_from_a_converted_lisa_continues_from_its_weights(converted, tmp_path):
+    """QLoRA-style LoRA on the merged weights; [SEG] rows, projection and mask decoder start at
+    LISA's values; the checkpoint records the converted base and reloads only onto it."""
+    from safetensors.torch import load_file
+
+    from lisa_demo.checkpoint import CheckpointError
+    from lisa_demo.data.synthetic import generate_dataset
+    from lisa_demo.infer.pipeline import LisaPipeline
+    from lisa_demo.loading import load_lisa
+    from lisa_demo.train.__main__ import main as train_main
+
+    data = tmp_path / "data"
+    generate_dataset(data, {"train": 2, "val": 2}, seed=5)
+    run = tmp_path / "run"
+    code = train_main(
+        ["--model", str(converted), "--dataset", str(data), "--output-dir", str(run),
+         "--max-steps", "2", "--eval-every", "2", "--batch-size", "1", "--seg-rate-samples", "0"]
+    )  # fmt: skip
+    assert code == 0
+    last = run / "checkpoints" / "last"
+    manifest = json.loads((last / "manifest.json").read_text())
+    assert manifest["llava"]["source"] == str(converted.resolve() / "llava")
+    assert manifest["llava"]["fingerprint"]
+    start = json.loads((run / "events.jsonl").read_text().splitlines()[0])
+    assert start["config"]["model"]["prompt_format"] == "llava_v1"
+    # The trained projection moved a little from LISA's, not from a fresh initialisation.
+    lisa = load_file(str(converted / "projection.safetensors"))
+    trained = load_file(str(last / "trainable.safetensors"))
+    delta = (trained["text_hidden_fcs.0.weight"] - lisa["0.weight"]).abs().max()
+    assert 0 < delta < 0.05
+    pipeline = LisaPipeline(
+        load_lisa(full_model_config(converted), checkpoint=last, device="cpu"), max_new_tokens=2
+    )
+    assert len(pipeline.segment(_image(), QUESTION).token_ids) == 2
+    with pytest.raises(CheckpointError, match="made for"):
+        load_lisa(full_model_config(BUNDLED_MODEL_DIR), checkpoint=last, device="cpu")
+
+
+def test_a_hub_model_id_that_cannot_be_fetched_says_how_to_download(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="hf download someone/lisa-7b-studio --local-dir DIR"):
+        full_model_config("someone/lisa-7b-studio")

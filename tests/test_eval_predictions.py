@@ -172,6 +172,9 @@ def border_crossing(tmp_path_factory) -> tuple[Path, Path, list[tuple[int, int]]
             {"label": str(label), "points": random_polygon(rng, height, width)} for label in labels
         ]
         shapes[0]["label"] = "target"
+        if index % 4 == 1:  # a two-point "polygon" across the image: the reference paints a line
+            line = [[-5.5, 3.2], [width + 4.7, height - 2.1]]
+            shapes.append({"label": "ignore" if index % 8 == 1 else "target", "points": line})
         name = f"img_{index:02d}"
         Image.new("RGB", (width, height), (90, 120, 30)).save(data / f"{name}.jpg")
         annotation = {"text": ["the thing"], "is_sentence": False, "shapes": shapes}

@@ -68,9 +68,9 @@ def is_flag_shape(shape: dict) -> bool:
 
 
 def polygon_points(shape: object) -> np.ndarray | None:
-    """The shape's points as float64 [N, 2] (x, y), or None unless N >= 3 finite points.
+    """The shape's points as float64 [N, 2] (x, y), or None unless N >= 1 finite points.
 
-    Points may lie outside the image (annotators click past the border); only coordinates
+    One or two points are kept: LISA paints them too (a dot, a line). Points may lie outside the image (annotators click past the border); only coordinates
     beyond the int32 range, where the pixel conversion is undefined, make a polygon unusable.
     """
     if not isinstance(shape, dict):
@@ -79,14 +79,14 @@ def polygon_points(shape: object) -> np.ndarray | None:
         points = np.asarray(shape.get("points"), dtype=np.float64)
     except (TypeError, ValueError):
         return None
-    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 1:
         return None
     usable = np.isfinite(points).all() and (np.abs(points) < _INT32_LIMIT).all()
     return points if usable else None
 
 
 def usable_shapes(shapes: Sequence[object]) -> tuple[dict, ...]:
-    """Shapes that rasterise: flag shapes and polygons with fewer than 3 points dropped."""
+    """Shapes that rasterise: flag shapes and polygons without usable points dropped."""
     return tuple(
         shape
         for shape in shapes
@@ -122,7 +122,8 @@ def _painted_area(points: np.ndarray, height: int, width: int) -> int:
 def rasterize_shapes(shapes: Sequence[dict], height: int, width: int) -> np.ndarray:
     """Paint LabelMe polygons into a ReasonSeg mask exactly as LISA does.
 
-    Flag shapes and polygons with fewer than 3 points are dropped. Points become pixels by
+    Flag shapes and polygons without usable points are dropped (one or two points paint a
+    dot or a line, as in the reference). Points become pixels by
     int32 conversion (truncation toward zero), with no clipping: a polygon that leaves the
     image keeps its shape and only its inside part is painted. Each polygon's area is the
     pixels it covers inside the image; the paint order is np.argsort(areas)[::-1] over the
@@ -160,7 +161,7 @@ class ImageRecord:
     json_path: Path
     queries: tuple[str, ...]  # 1-5 paraphrases, stripped, non-empty
     is_sentence: bool  # sentence query (True) or short phrase (False)
-    shapes: tuple[dict, ...]  # usable LabelMe shapes (flags dropped, polygons >= 3 points)
+    shapes: tuple[dict, ...]  # usable LabelMe shapes (flags and point-less polygons dropped)
     height: int  # pixels, after EXIF orientation
     width: int
     family: str | None = None  # optional top-level "family" key (synthetic data)
@@ -207,7 +208,7 @@ class ReadReport:
     samples: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     empty_targets: int = 0  # kept with an empty mask, as the reference does
-    dropped_polygons: int = 0  # polygons with fewer than 3 usable (finite, int32) points
+    dropped_polygons: int = 0  # polygons without usable (finite, int32) points
 
     def skip(self, reason: str, path: Path, detail: str) -> None:
         """Count one skipped file and log one warning line about it."""
@@ -224,7 +225,7 @@ class ReadReport:
         if self.empty_targets:
             line += f"; {self.empty_targets} with an empty target"
         if self.dropped_polygons:
-            line += f"; dropped {self.dropped_polygons} polygons with < 3 usable points"
+            line += f"; dropped {self.dropped_polygons} polygons without usable points"
         return line
 
 

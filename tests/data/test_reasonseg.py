@@ -77,10 +77,10 @@ def test_smaller_shapes_painted_later_win_whatever_the_file_order():
     np.testing.assert_array_equal(mask, expected)
 
 
-def test_flag_and_short_polygons_dropped_points_truncated():
+def test_flag_dropped_short_polygons_painted_points_truncated():
     shapes = [
         square("flag", 0, 0, 5, 3),  # would cover everything
-        polygon("target", [[0, 0], [3, 3]]),  # 2 points: dropped
+        polygon("target", [[0, 0], [3.9, 3.2]]),  # 2 points: a line, as the reference paints
         polygon("target", [[-3, -3], [10, -3], [10, 1.7], [-3, 1.7]]),  # rows 0-1 (1.7 -> 1)
         square("Ignore region", 4.9, 2, 9, 9),  # label containing "ignore"; x 4.9 -> 4
     ]
@@ -88,12 +88,19 @@ def test_flag_and_short_polygons_dropped_points_truncated():
         [
             [1, 1, 1, 1, 1, 1],
             [1, 1, 1, 1, 1, 1],
-            [0, 0, 0, 0, X, X],
-            [0, 0, 0, 0, X, X],
+            [0, 0, 1, 0, X, X],
+            [0, 0, 0, 1, X, X],
         ],
         dtype=np.uint8,
     )
     np.testing.assert_array_equal(rasterize_shapes(shapes, 4, 6), expected)
+
+
+def test_a_one_point_polygon_paints_its_pixel():
+    mask = rasterize_shapes([polygon("target", [[2.6, 1.2]])], 3, 4)
+    expected = np.zeros((3, 4), np.uint8)
+    expected[1, 2] = 1
+    np.testing.assert_array_equal(mask, expected)
 
 
 # A triangle with its left vertex 2 pixels outside the image: edges of slope +-1 from (-2, 2)
@@ -294,7 +301,7 @@ def test_each_kind_of_bad_file_is_skipped_counted_and_logged_once(tmp_path, capl
     write_pair(
         tmp_path, "no_target", shapes=[square("flag", 0, 0, 3, 3), square("ignore", 0, 0, 2, 2)]
     )
-    write_pair(tmp_path, "short_poly", shapes=[TARGET, polygon("target", [[0, 0], [1, 1]])])
+    write_pair(tmp_path, "short_poly", shapes=[TARGET, polygon("target", [])])
     write_pair(tmp_path, "empty_text", text=["  "])
     write_pair(tmp_path, "no_text", text=None)
     write_pair(tmp_path, "broken")
