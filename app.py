@@ -14,6 +14,7 @@ import sys
 
 from lisa_demo.config import PRESETS, QUANTIZATIONS, ConfigError, read_full_model_manifest
 from lisa_demo.ui import AppSettings, allowed_paths, build_app, default_host
+from lisa_demo.ui.models import is_hub_repo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,8 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model",
         default=None,
-        metavar="DIR",
-        help="full-model folder to serve (a converted LISA); excludes --preset, --llava, --sam",
+        metavar="DIR_OR_REPO",
+        help="full-model folder (a converted LISA) or Hub repo holding one, served as the "
+        "default model; excludes --preset, --llava, --sam",
     )
     p.add_argument(
         "--models-dir",
@@ -43,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.preset or args.llava or args.sam:
             p.error("--model names the whole model: drop --preset, --llava and --sam")
         try:
-            read_full_model_manifest(args.model)
+            if not is_hub_repo(args.model):  # a Hub repo downloads on first use
+                read_full_model_manifest(args.model)
         except ConfigError as err:
             p.error(f"--model: {err}")
     return args

@@ -114,11 +114,35 @@ def same_folder(a: str | Path | None, b: str | Path | None) -> bool:
 
 def is_bundled_model(spec: ModelSpec) -> bool:
     """The bundled tiny model, or a fine-tune of it (what the tiny-model note is about)."""
+    if spec.model and spec.run_model is None:  # never download a Hub repo to answer this
+        return same_folder(local_model_folder(spec.model), BUNDLED_MODEL_DIR)
     try:
         cfg = spec.model_config()
     except ConfigError:
         return False
     return not cfg.build_tiny and same_folder(cfg.heads, BUNDLED_MODEL_DIR)
+
+
+def is_hub_repo(source: str) -> bool:
+    """ "USER/NAME" that is no local path: a Hub repo holding a full model, as
+    config.resolve_model_dir decides (it downloads such a repo on first use)."""
+    text = str(source)
+    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")):
+        return False
+    return text.count("/") == 1
+
+
+def local_model_folder(source: str | Path) -> Path | None:
+    """The folder of a full model on this machine: the folder itself, or a Hub repo's copy in
+    the Hub cache; None for a Hub repo not downloaded yet (nothing is downloaded here)."""
+    if not is_hub_repo(str(source)):
+        return Path(source).expanduser()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source), local_files_only=True))
+    except Exception:  # not in the cache (or no huggingface_hub): unknown until downloaded
+        return None
 
 
 def llava_weight_bytes(folder: str | Path) -> int:
@@ -132,7 +156,8 @@ def needs_gpu(spec: ModelSpec) -> bool:
     if spec.quantization not in (None, "none"):
         return True
     if spec.model:
-        return llava_weight_bytes(spec.model) > CPU_MAX_LLAVA_BYTES
+        folder = local_model_folder(spec.model)  # a Hub repo not downloaded yet: checked on load
+        return folder is not None and llava_weight_bytes(folder) > CPU_MAX_LLAVA_BYTES
     try:
         cfg = spec.model_config()
     except ConfigError:
@@ -153,8 +178,9 @@ def gpu_available() -> bool:
 
 def gpu_problem(spec: ModelSpec) -> str:
     """The status line of a model left out for want of a GPU."""
-    if spec.model and spec.quantization in (None, "none"):
-        size = llava_weight_bytes(spec.model) / 10**9
+    folder = local_model_folder(spec.model) if spec.model else None
+    if folder is not None and spec.quantization in (None, "none"):
+        size = llava_weight_bytes(folder) / 10**9
         why = f"its LLaVA weights take {size:.1f} GB, more than a CPU serves here"
     elif spec.quantization not in (None, "none"):
         why = f"{spec.quantization} quantization runs on a GPU"
@@ -181,11 +207,12 @@ def full_model_label(folder: Path, manifest: dict, quantization: str | None = No
 
 @dataclass(frozen=True)
 class FullModel:
-    """A full-model folder the app knows (besides the bundled one)."""
+    """A full model the app knows (besides the bundled one)."""
 
     key: str  # "model:NAME" for the models folder, "configured" for --model / LISA_MODEL
     label: str
-    folder: Path
+    source: str  # what --model takes: a folder, or a Hub repo holding one
+    folder: Path | None  # where it is on this machine (None: a Hub repo not downloaded yet)
 
 
 def _configured_is_bundled(settings: AppSettings) -> bool:
@@ -206,15 +233,22 @@ def known_full_models(settings: AppSettings) -> tuple[list[FullModel], list[str]
         if same_folder(folder, settings.model) and not settings.checkpoint:
             continue  # offered as the configured model
         label = full_model_label(folder, read_full_model_manifest(folder), settings.quantization)
-        found.append(FullModel(MODEL_PREFIX + folder.name, label, folder))
+        found.append(FullModel(MODEL_PREFIX + folder.name, label, str(folder), folder))
     if settings.model and not _configured_is_bundled(settings):
-        folder = Path(settings.model).expanduser()
+        source = settings.model
+        folder = local_model_folder(source)
+        if folder is None:
+            label = f"{source} (from the Hub, downloaded on first use)"
+            found.append(FullModel(CONFIGURED_KEY, label, source, None))
+            return found, problems
         try:
             manifest = read_full_model_manifest(folder)
         except ConfigError as err:
             problems.append(f"The configured model (--model / LISA_MODEL) is not offered: {err}.")
         else:
-            found.append(FullModel(CONFIGURED_KEY, full_model_label(folder, manifest), folder))
+            name = source if is_hub_repo(source) else folder.name
+            label = f"{name} ({describe_full_model(manifest)})"
+            found.append(FullModel(CONFIGURED_KEY, label, source, folder))
     return found, problems
 
 
@@ -235,7 +269,7 @@ def offered_models(settings: AppSettings) -> tuple[list[ModelSpec], list[str]]:
                 preset=DEFAULT_PRESET,
                 quantization=settings.quantization,
                 checkpoint=settings.checkpoint if configured else None,
-                model=str(full.folder),
+                model=full.source,
             )
         )
     custom = settings.preset != DEFAULT_PRESET or settings.llava or settings.sam
@@ -350,7 +384,10 @@ def load_pipeline(spec: ModelSpec) -> Segmenter:
     """The real model behind a spec (imports torch/transformers on first use)."""
     from lisa_demo.infer.pipeline import LisaPipeline
 
-    return LisaPipeline.from_config(spec.model_config(), checkpoint=spec.checkpoint)
+    cfg = spec.model_config()  # downloads a Hub repo's full model on first use
+    if spec.model and needs_gpu(spec) and not gpu_available():
+        raise ModelUnavailable(gpu_problem(spec))
+    return LisaPipeline.from_config(cfg, checkpoint=spec.checkpoint)
 
 
 class ModelRegistry:

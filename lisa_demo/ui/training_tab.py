@@ -22,7 +22,7 @@ from lisa_demo.config import (
 )
 from lisa_demo.data.synthetic import CONCEPTS
 from lisa_demo.memory import GIB, MemoryEstimate, MemoryPlan, estimate_memory
-from lisa_demo.ui.models import CONFIGURED_KEY, known_full_models
+from lisa_demo.ui.models import CONFIGURED_KEY, FullModel, known_full_models
 from lisa_demo.ui.runs import (
     PRESET_DEFAULT,
     RunBusy,
@@ -84,16 +84,23 @@ def training_model_choices(settings: AppSettings) -> list[tuple[str, str]]:
     return presets + [(full.label, full.key) for full in full_models]
 
 
-def training_model_folder(settings: AppSettings, choice: str) -> str | None:
-    """The full-model folder a choice names (None for a preset); RunError if unknown."""
+def training_full_model(settings: AppSettings, choice: str) -> FullModel | None:
+    """The full model a choice names (None for a preset); RunError if unknown."""
     if choice in PRESETS:
         return None
     full_models, _ = known_full_models(settings)
     for full in full_models:
         if full.key == choice:
-            return str(full.folder)
+            return full
     known = ", ".join(value for _, value in training_model_choices(settings))
     raise RunError(f"unknown model {choice!r} to fine-tune; choose one of: {known}")
+
+
+def training_model_folder(settings: AppSettings, choice: str) -> str | None:
+    """What the trainer's --model gets for a choice (a folder or a Hub repo), None for a
+    preset; RunError if unknown."""
+    full = training_full_model(settings, choice)
+    return None if full is None else full.source
 
 
 def default_training_preset(settings: AppSettings) -> str:
@@ -249,11 +256,13 @@ def training_model_config(
     if quantization != PRESET_DEFAULT:
         changes["quantization"] = quantization
     try:
-        folder = training_model_folder(settings, preset_name)
+        full = training_full_model(settings, preset_name)
     except RunError as err:
         raise ConfigError(str(err)) from err
-    if folder is not None:
-        return full_model_config(folder).replace(**changes)
+    if full is not None:
+        if full.folder is None:  # never download weights for an estimate
+            raise ConfigError(f"{full.source} is not downloaded yet: it downloads when first used")
+        return full_model_config(full.folder).replace(**changes)
     if preset_name == settings.preset:
         changes.update({k: v for k, v in (("llava", settings.llava), ("sam", settings.sam)) if v})
     if preset_name == "tiny" and not BUNDLED_MODEL_DIR.is_dir():

@@ -258,3 +258,30 @@ def test_the_tiny_model_note_follows_the_choice(tmp_path, converted_models_dir) 
     # The run fine-tuned from the converted LISA reloads on that base, prompt format included.
     [spec] = [spec for spec in registry.specs() if spec.key == from_lisa]
     assert spec.model_config() == lisa and spec.model_config().prompt_format == "llava_v1"
+
+
+def test_a_configured_hub_repo_is_offered_and_downloaded_only_on_load(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    import app
+
+    repo = "nobody-here/lisa-studio-test-model"
+    assert app.parse_args(["--model", repo]).model == repo  # no download, no check yet
+    monkeypatch.setattr(models, "gpu_available", lambda: False)
+    registry = ModelRegistry(_settings(tmp_path, model=repo), loader=models.load_pipeline)
+    label = f"{repo} (from the Hub, downloaded on first use)"
+    assert registry.choices() == [("bundled tiny LISA", BUNDLED_KEY), (label, "configured")]
+    assert registry.default_key() == "configured" and registry.note("configured") == ""
+    # Offline (the tests are), loading it says how to download it; the app keeps serving.
+    with pytest.raises(ModelUnavailable, match=f"hf download {repo} --local-dir DIR"):
+        registry.get("configured")
+
+
+def test_a_downloaded_hub_repo_is_labelled_from_its_manifest(
+    tmp_path, converted_models_dir, monkeypatch
+) -> None:
+    repo = "someone/tiny-lisa-studio"
+    cached = converted_models_dir / TINY_LISA_NAME
+    monkeypatch.setattr(models, "local_model_folder", lambda source: cached)
+    registry = ModelRegistry(_settings(tmp_path, model=repo), _never)
+    assert registry.choices()[-1] == (f"{repo} (LISA, llava_v1)", "configured")

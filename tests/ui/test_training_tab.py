@@ -155,3 +155,19 @@ def test_memory_estimate_of_a_full_model_or_why_there_is_none(
     text = make_memory_handler(settings)("model:broken", "4bit", "bf16", 8, TARGETS, 1)
     assert text.startswith(MEMORY_TITLE + ": ") and "broken (full model)" in text
     assert "\n" not in text
+
+
+def test_a_hub_repo_not_downloaded_is_offered_but_not_downloaded_for_an_estimate(
+    tmp_path: Path,
+) -> None:
+    repo = "nobody-here/lisa-studio-test-model"
+    settings = AppSettings(runs_dir=tmp_path / "runs", models_dir=tmp_path, model=repo)
+    assert default_training_preset(settings) == "configured"
+    assert training_model_folder(settings, "configured") == repo  # the trainer's --model
+    text = make_memory_handler(settings)(
+        "configured", PRESET_DEFAULT, PRESET_DEFAULT, 8, TARGETS, 1
+    )
+    assert text == (
+        f"{MEMORY_TITLE}: not available for these settings ({repo} is not downloaded yet: it "
+        "downloads when first used)."
+    )
