@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lisa_demo.config import PRESETS, QUANTIZATIONS, ConfigError, read_full_model_manifest
+from lisa_demo.paths import CHECKPOINT, CHECKPOINT_FOLDER, MODEL, check_cli_paths
 from lisa_demo.ui import AppSettings, allowed_paths, build_app, default_host
 from lisa_demo.ui.models import is_hub_repo
 
@@ -40,20 +42,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sam", default=None, help="SAM Hub id or folder (overrides the preset)")
     p.add_argument("--checkpoint", default=None, help="fine-tuned checkpoint folder")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=None)
-    args = p.parse_args(argv)
-    if args.model is not None:
-        if args.preset or args.llava or args.sam:
-            p.error("--model names the whole model: drop --preset, --llava and --sam")
-        try:
-            if not is_hub_repo(args.model):  # a Hub repo downloads on first use
-                read_full_model_manifest(args.model)
-        except ConfigError as err:
-            p.error(f"--model: {err}")
-    return args
+    return p.parse_args(argv)
+
+
+def model_error(args: argparse.Namespace) -> str | None:
+    """One line saying why --model or --models-dir cannot work, or None."""
+    if args.models_dir is not None and Path(args.models_dir).expanduser().is_file():
+        return f"--models-dir {args.models_dir} is a file; pass the folder that holds full models"
+    if args.model is None:
+        return None
+    if args.preset or args.llava or args.sam:
+        return "--model names the whole model: drop --preset, --llava and --sam"
+    if is_hub_repo(args.model):
+        return None  # downloaded (and checked) on first use
+    try:
+        read_full_model_manifest(args.model)
+    except ConfigError as err:
+        return f"--model: {err}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    problem = model_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    if check_cli_paths(
+        ("--llava", args.llava, MODEL),
+        ("--sam", args.sam, MODEL),
+        ("--checkpoint", args.checkpoint, CHECKPOINT, CHECKPOINT_FOLDER),
+    ):
+        raise SystemExit(2)
     try:
         settings = AppSettings.from_env(
             model=args.model,

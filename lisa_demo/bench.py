@@ -45,6 +45,7 @@ from lisa_demo.config import (
     base_model_config,
     preset,
 )
+from lisa_demo.paths import MODEL, check_cli_paths
 
 FORCED_ANSWER = "Sure, [SEG]."
 QUESTIONS = (
@@ -627,6 +628,8 @@ def estimate_command(args: argparse.Namespace, cfg: ModelConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if check_cli_paths(("--model", args.model, MODEL)):
+        return 2
     notes: list[str] = []
     try:
         cfg = model_config(args, notes)

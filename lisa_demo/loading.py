@@ -447,6 +447,8 @@ def load_lisa(
 ) -> LoadedLisa:
     """Build the LISA model described by `cfg`, optionally with a fine-tuned checkpoint."""
     device = pick_device(device)
+    if checkpoint is not None:  # once: the manifest and the weights come from one folder
+        checkpoint = ckpt.resolve_checkpoint(checkpoint)
     manifest = ckpt.read_manifest(checkpoint) if checkpoint is not None else None
     if manifest is not None:
         cfg = _apply_checkpoint_settings(cfg, manifest)
@@ -529,6 +531,19 @@ def save_full_model(loaded: LoadedLisa, out: Path | str) -> Path:
         save_file(state, str(tmp / PROJECTION_FILE))
 
     return ckpt.write_atomically(Path(out), write)
+
+
+def quiet_library_output() -> None:
+    """No progress bars, deprecation notices or library chatter on a user's terminal: a
+    command's own lines (and its one `error:` line) are what it prints."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for library in ("transformers", "peft", "accelerate", "huggingface_hub"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=library)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=library)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 __all__ = [

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lisa_demo.paths import OUTPUT_FOLDER, check_cli_paths
+
 TINY_LISA_SEED = 0
 SP_VOCAB = 320
 # LISA-7B-v1: <im_patch>, <im_start>, <im_end>, [SEG] after the base vocabulary.
@@ -287,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", choices=("bin", "safetensors"), default="bin")
     parser.add_argument("--seed", type=int, default=TINY_LISA_SEED)
     args = parser.parse_args(argv)
+    if check_cli_paths(("--out", args.out, OUTPUT_FOLDER)):
+        return 2
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         print(f"error: {args.out} exists and is not an empty folder", file=sys.stderr)
         return 2

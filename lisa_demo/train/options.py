@@ -21,6 +21,7 @@ from lisa_demo.config import (
     base_model_config,
 )
 from lisa_demo.data.synthetic import DEFAULT_EXTRA_FAMILIES, EXTRA_FAMILIES
+from lisa_demo.paths import CHECKPOINT, FILE, FOLDER, MODEL, OUTPUT_FOLDER, check_paths
 
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
@@ -463,6 +464,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse and validate; raises ConfigError (one clear line) on nonsense."""
     args = build_parser().parse_args(argv)
+    check_paths(*path_arguments(args))  # before the model options read any folder
     return TrainConfig(
         output_dir=args.output_dir,
         model=model_config_from_args(args),
@@ -513,3 +515,18 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         warmup_images=args.warmup_images,
         save_warmed=args.save_warmed,
     )
+
+
+def path_arguments(args: argparse.Namespace) -> list[tuple]:
+    """(flag, value, kind) of every path the run reads or writes, for lisa_demo.paths."""
+    return [
+        ("--output-dir", args.output_dir, OUTPUT_FOLDER),
+        ("--dataset", args.dataset, FOLDER, "a folder with train/ and val/ (ReasonSeg layout)"),
+        ("--explanations", args.explanations, FILE, "a JSON file of explanations"),
+        ("--resume", args.resume, CHECKPOINT, "a run folder or a checkpoint folder"),
+        ("--init-from", args.init_from, CHECKPOINT, "a checkpoint folder or a run folder"),
+        ("--embedding-cache-dir", args.embedding_cache_dir, OUTPUT_FOLDER),
+        ("--model", args.model, MODEL),
+        ("--llava", args.llava, MODEL),
+        ("--sam", args.sam, MODEL),
+    ]

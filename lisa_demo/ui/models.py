@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from lisa_demo.atomic import complete_folder
 from lisa_demo.config import (
     BUNDLED_MODEL_DIR,
     ConfigError,
@@ -362,7 +363,8 @@ def find_checkpoint_specs(runs_dir: Path, fallback_preset: str) -> list[ModelSpe
         run_model = read_run_model(run)
         for kind in CHECKPOINT_KINDS:
             folder = run / "checkpoints" / kind
-            if not (folder / "manifest.json").is_file():
+            found = complete_folder(folder)  # a write killed midway leaves a complete copy
+            if found is None or not (found / "manifest.json").is_file():
                 continue
             specs.append(
                 ModelSpec(

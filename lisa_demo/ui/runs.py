@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lisa_demo.atomic import complete_folder
 from lisa_demo.config import PROJECT_ROOT, ModelConfig
 from lisa_demo.ui.archive import ArchiveError, check_dataset, prepare_uploaded_dataset
 from lisa_demo.ui.models import RUN_INFO_FILE
@@ -357,9 +358,15 @@ class RunState:
         """checkpoints/best if it exists, else checkpoints/last."""
         for kind in ("best", "last"):
             folder = self.run_dir / "checkpoints" / kind
-            if (folder / "manifest.json").is_file():
+            if has_checkpoint(folder):
                 return folder
         return None
+
+
+def has_checkpoint(folder: Path) -> bool:
+    """Whether a complete checkpoint stands for `folder` (a write killed midway included)."""
+    found = complete_folder(folder)
+    return found is not None and (found / "manifest.json").is_file()
 
 
 def curve_frame(rows: list[tuple[int, str, float]]) -> pd.DataFrame:
@@ -372,13 +379,14 @@ def curve_frame(rows: list[tuple[int, str, float]]) -> pd.DataFrame:
 
 
 # Checkpoint downloads -----------------------------------------------------------------------
-def zip_folder(folder: Path, destination: Path) -> Path:
-    """Zip a folder's files (paths relative to it) into `destination`, atomically."""
+def zip_folder(folder: Path, destination: Path, name: str | None = None) -> Path:
+    """Zip a folder's files into `destination` under NAME/ (default: the folder's name),
+    atomically."""
     tmp = destination.with_name(f".{destination.name}.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
-                zf.write(path, Path(folder.name) / path.relative_to(folder))
+                zf.write(path, Path(name or folder.name) / path.relative_to(folder))
     tmp.replace(destination)
     return destination
 
@@ -397,9 +405,12 @@ def zip_checkpoint(state: RunState, checkpoint: Checkpoint) -> str | None:
     destination = downloads / f"{state.run_id}-{checkpoint.kind}.zip"
     for _ in range(3):  # the trainer may be swapping the folder in right now
         try:
-            return str(zip_folder(folder, destination))
+            found = complete_folder(folder)
+            if found is not None:
+                return str(zip_folder(found, destination, name=folder.name))
         except (FileNotFoundError, NotADirectoryError):
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     return None
 
 
@@ -457,7 +468,7 @@ class TrainingRun:
     def _finish(self, returncode: int) -> None:
         for kind in ("best", "last"):  # checkpoints written without an event still count
             folder = self.state.run_dir / "checkpoints" / kind
-            if kind not in self.state.checkpoints and (folder / "manifest.json").is_file():
+            if kind not in self.state.checkpoints and has_checkpoint(folder):
                 checkpoint = Checkpoint(kind, None, str(folder))
                 with self._lock:
                     self.state.checkpoints[kind] = checkpoint

@@ -17,7 +17,7 @@ from lisa_demo.ui.models import (
     ModelSpec,
     ModelUnavailable,
 )
-from lisa_demo.ui.settings import AppSettings, default_host, server_paths_allowed
+from lisa_demo.ui.settings import AppSettings
 from tests.ui.conftest import TINY_LISA_NAME
 
 TINY_LISA_KEY = f"model:{TINY_LISA_NAME}"
@@ -57,22 +57,19 @@ def test_full_model_settings_from_env_and_flags(tmp_path) -> None:
 def test_app_flags_refuse_a_bad_model_folder_in_one_line(tmp_path, capsys) -> None:
     import app
 
+    (tmp_path / "file").write_text("")
     for argv, message in (
         (["--model", str(tmp_path / "absent")], "model folder not found"),
         (["--model", str(tmp_path)], "is not a full model folder"),
         (["--model", str(BUNDLED_MODEL_DIR), "--preset", "tiny-random"], "drop --preset"),
+        (["--models-dir", str(tmp_path / "file")], "is a file"),
     ):
         with pytest.raises(SystemExit) as exit_info:
-            app.parse_args(argv)
+            app.main(argv)  # refused before any app is built
         assert exit_info.value.code == 2
-        assert message in capsys.readouterr().err
-    assert app.parse_args(["--model", str(BUNDLED_MODEL_DIR)]).model == str(BUNDLED_MODEL_DIR)
-
-
-def test_spaces_bind_publicly_and_never_allow_server_paths() -> None:
-    assert default_host({}) == "127.0.0.1"
-    assert default_host({"SPACE_ID": "me/lisa"}) == "0.0.0.0"
-    assert not server_paths_allowed({"SPACE_ID": "me/lisa", "LISA_ALLOW_SERVER_PATHS": "1"})
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert app.model_error(app.parse_args(["--model", str(BUNDLED_MODEL_DIR)])) is None
 
 
 def _settings(tmp_path: Path, **fields: object) -> AppSettings:
@@ -266,7 +263,7 @@ def test_a_configured_hub_repo_is_offered_and_downloaded_only_on_load(
     import app
 
     repo = "nobody-here/lisa-studio-test-model"
-    assert app.parse_args(["--model", repo]).model == repo  # no download, no check yet
+    assert app.model_error(app.parse_args(["--model", repo])) is None  # checked on first use
     monkeypatch.setattr(models, "gpu_available", lambda: False)
     registry = ModelRegistry(_settings(tmp_path, model=repo), loader=models.load_pipeline)
     label = f"{repo} (from the Hub, downloaded on first use)"
