@@ -64,15 +64,16 @@ def model_error(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    problem = model_error(args)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        raise SystemExit(2)
     if check_cli_paths(
+        ("--model", args.model, MODEL),
         ("--llava", args.llava, MODEL),
         ("--sam", args.sam, MODEL),
         ("--checkpoint", args.checkpoint, CHECKPOINT, CHECKPOINT_FOLDER),
     ):
+        raise SystemExit(2)
+    problem = model_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         raise SystemExit(2)
     try:
         settings = AppSettings.from_env(

@@ -59,7 +59,8 @@ def test_app_flags_refuse_a_bad_model_folder_in_one_line(tmp_path, capsys) -> No
 
     (tmp_path / "file").write_text("")
     for argv, message in (
-        (["--model", str(tmp_path / "absent")], "model folder not found"),
+        (["--model", str(tmp_path / "absent")], "does not exist"),
+        (["--model", "absent-here"], "model folder not found"),
         (["--model", str(tmp_path)], "is not a full model folder"),
         (["--model", str(BUNDLED_MODEL_DIR), "--preset", "tiny-random"], "drop --preset"),
         (["--models-dir", str(tmp_path / "file")], "is a file"),
