@@ -125,7 +125,7 @@ def is_bundled_model(spec: ModelSpec) -> bool:
 
 
 def is_hub_repo(source: str) -> bool:
-    """ "USER/NAME" that is no local path: a Hub repo holding a full model, as
+    """Whether `source` names a Hub repo holding a full model ("USER/NAME", no local path), as
     config.resolve_model_dir decides (it downloads such a repo on first use)."""
     text = str(source)
     if Path(text).expanduser().exists() or text.startswith((".", "/", "~")):
