@@ -76,6 +76,7 @@ class TrainRequest:
     zip_path: str | None = None
     folder_path: str | None = None
     preset: str = "tiny"
+    model: str | None = None  # full-model folder to fine-tune (instead of the preset)
     length: str = "steps"  # epochs | steps
     epochs: int = 1
     max_steps: int = 50
@@ -119,7 +120,8 @@ class TrainRequest:
 
     def trainer_args(self, output_dir: Path, dataset: Path | None) -> list[str]:
         """The trainer's command-line arguments (without the launcher)."""
-        args = ["--output-dir", str(output_dir), "--preset", self.preset]
+        args = ["--output-dir", str(output_dir)]
+        args += ["--model", self.model] if self.model else ["--preset", self.preset]
         if dataset is not None:
             args += ["--dataset", str(dataset)]
         else:
@@ -594,8 +596,10 @@ class TrainingManager:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise RunError(str(err)) from err
         args = request.trainer_args(run_dir, dataset)
-        same_model = request.preset == settings.preset
+        same_model = request.model is None and request.preset == settings.preset
         info = {"preset": request.preset, "request": asdict(request), "summary": summary}
+        if request.model:
+            info["model"] = request.model
         for name in ("llava", "sam"):
             value = getattr(settings, name) if same_model else None
             if value:
