@@ -341,6 +341,11 @@ def base_model_config(
     return full_model_config(model_dir)
 
 
+# The presets that load an official LISA checkpoint converted into the models folder (where the
+# app lists it as a full model once it is there).
+CONVERTED_PRESETS = tuple(name for name in PRESETS if name.startswith("lisa-"))
+
+
 def preset(name: str) -> ModelConfig:
     """Return a fresh ModelConfig for a named preset; unknown names list the known ones."""
     if name not in PRESETS:
