@@ -219,15 +219,13 @@ def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
     )
 
 
-def _check_bitsandbytes(cfg: ModelConfig) -> None:
-    if cfg.quantization == "none":
+def _check_bitsandbytes(kind: str, flag: str = "--quantization") -> None:
+    if kind == "none":
         return
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
-        raise ConfigError(
-            f"--quantization {cfg.quantization} needs bitsandbytes: pip install bitsandbytes"
-        ) from err
+        raise ConfigError(f"{flag} {kind} needs bitsandbytes: pip install bitsandbytes") from err
 
 
 def load_llava(
@@ -243,7 +241,7 @@ def load_llava(
     quant = quantization_config(cfg, dtype)
     kwargs: dict = {"dtype": dtype}
     if quant is not None:
-        _check_bitsandbytes(cfg)
+        _check_bitsandbytes(cfg.quantization)
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else device.type}
     if cfg.random_weights:
@@ -257,7 +255,7 @@ def load_llava(
     if cfg.vision_quantization != "none":  # frozen CLIP tower in 8-bit / 4-bit
         from lisa_demo.memory_savings import quantize_linears
 
-        _check_bitsandbytes(cfg.replace(quantization=cfg.vision_quantization))
+        _check_bitsandbytes(cfg.vision_quantization, "--vision-quantization")
         quantize_linears(model.model.vision_tower, cfg.vision_quantization, dtype)
     return model
 

@@ -24,7 +24,6 @@ from lisa_demo.config import ConfigError
 from lisa_demo.cpu_speed import adamw_options
 from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
 from lisa_demo.loading import LoadedLisa, load_lisa, save_full_model
-from lisa_demo.memory_savings import offload
 from lisa_demo.train.data import EmbeddingCache, SampleBatcher, file_identity, training_inputs
 from lisa_demo.train.evaluate import evaluate_samples, seg_rate
 from lisa_demo.train.events import EventLog, load_history
@@ -351,6 +350,8 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         # Every image encoded now (the work of the first epoch's cache misses, done earlier),
         # then SAM's image encoder leaves the GPU. One process only: DDP keeps its module's
         # buffers on one device.
+        from lisa_demo.memory_savings import offload
+
         train_images = [train_set[i] for i in range(n_train)]
         encoded = encode_every_image(core, batcher, train_images + val_samples, cache, device,
                                      cfg.batch_size)  # fmt: skip
