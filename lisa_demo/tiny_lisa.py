@@ -43,7 +43,9 @@ ADDED_TOKENS = {
 TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
 CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2)
 CLIP_IMAGE_SIZE = 224  # LISA's CLIP resolution: 16 x 16 = 256 image tokens
-SAM_ENCODER = dict(depth=2, embed_dim=64, num_heads=2, global_attn_indexes=(1,), window_size=14)
+# ViT-B-like width at four blocks: the image encoder costs several times the full-size mask
+# decoder, as in every real SAM (ViT-H: hundreds of times), so the caches show their worth.
+SAM_ENCODER = dict(depth=4, embed_dim=128, num_heads=2, global_attn_indexes=(1, 3), window_size=14)
 OUT_DIM = 256  # SAM's prompt width; LISA's config calls it out_dim
 
 _CORPUS = (
