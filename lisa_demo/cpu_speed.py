@@ -1,7 +1,7 @@
 """Two CPU training costs that do not need to be paid: the dropout mask and AdamW's update.
 
-Both were found by profiling the Training tab's default run on a 2-core CPU (docs/BENCHMARKS.md,
-session 10):
+Both were found by profiling the Training tab's default run on a 2-core CPU (2026-12-02,
+commit 5a31094, docs/BENCHMARKS.md):
 
 - torch's dropout draws one random number per element on a CPU, so peft's dropout on the input
   of every LoRA layer cost about a sixth of a step. :class:`CpuDropout` draws 64-bit words and
