@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -402,9 +403,6 @@ def set_trainable(model: LisaModel, cfg: ModelConfig, for_training: bool) -> Non
         if cfg.train_projector:
             model.base_llava.model.multi_modal_projector.requires_grad_(True)
     model.text_hidden_fcs.requires_grad_(True)
-    for head in (model.seg_word_head, model.target_head, model.description_prompts):
-        if head is not None:  # training-only heads (--seg-word-weight, --target-weight)
-            head.requires_grad_(True)
     model.train()
 
 
@@ -437,8 +435,13 @@ def load_lisa(
     checkpoint: str | Path | None = None,
     device: str | torch.device | None = None,
     for_training: bool = False,
+    attach: Callable[[LisaModel], None] | None = None,
 ) -> LoadedLisa:
-    """Build the LISA model described by `cfg`, optionally with a fine-tuned checkpoint."""
+    """Build the LISA model described by `cfg`, optionally with a fine-tuned checkpoint.
+
+    `attach(model)` may add training-only modules (a training recipe's heads) before the
+    checkpoint's weights load, so that they are restored with the rest; they train.
+    """
     device = pick_device(device)
     manifest = ckpt.read_manifest(checkpoint) if checkpoint is not None else None
     if manifest is not None:
@@ -477,6 +480,8 @@ def load_lisa(
         device=device, dtype=torch.float32 if dtype == torch.float16 else dtype
     )
     _load_projection(model, cfg.heads)
+    if attach is not None:
+        attach(model)
     set_trainable(model, cfg, for_training=True)  # names of trainable tensors define the format
     loaded = LoadedLisa(model, processor, sam_processor, cfg, device, base)
     if manifest is not None:

@@ -20,8 +20,9 @@ import torch  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def _test_environment(tmp_path_factory):
-    """A cache folder for the tiny models, shared by the whole pytest run; one CPU thread unless told otherwise
-    (the test machines share two cores, and oversubscribed threads are many times slower)."""
+    """A cache folder for the tiny models, shared by the whole pytest run; one CPU thread
+    unless told otherwise (the test machines share two cores, and oversubscribed threads are
+    many times slower)."""
     with pytest.MonkeyPatch.context() as patch:
         if "LISA_CACHE_DIR" not in os.environ:
             patch.setenv("LISA_CACHE_DIR", str(tmp_path_factory.mktemp("lisa-cache")))

@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         from lisa_demo.train.loop import train
+        from lisa_demo.train.pretrain.recipe import recipe_for
 
-        status = train(cfg)  # records its own failures in events.jsonl
+        status = train(cfg, recipe_for(cfg.pretrain, cfg.seed))  # records its own failures
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
