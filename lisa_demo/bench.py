@@ -42,8 +42,10 @@ from lisa_demo.config import (
     QUANTIZATIONS,
     ConfigError,
     ModelConfig,
+    base_model_config,
     preset,
 )
+from lisa_demo.paths import MODEL, check_cli_paths
 
 FORCED_ANSWER = "Sure, [SEG]."
 QUESTIONS = (
@@ -80,14 +82,19 @@ def bundled_model_available() -> bool:
 
 
 def model_config(args: argparse.Namespace, notes: list[str]) -> ModelConfig:
-    """The preset with the command line's overrides; "tiny" falls back to tiny-random."""
+    """The preset (or --model folder) with the command line's overrides; "tiny" falls back to
+    tiny-random."""
     name = args.preset
-    if name == "tiny" and not bundled_model_available():
+    if args.model is not None:
+        if args.random_weights or args.sam:
+            raise ConfigError("--model loads a full-model folder: drop --random-weights and --sam")
+        name = None
+    elif name == "tiny" and not bundled_model_available():
         notes.append(
             f"the bundled model ({BUNDLED_MODEL_DIR}) is not there yet: using --preset tiny-random"
         )
         name = "tiny-random"
-    cfg = preset(name)
+    cfg = base_model_config(name, args.model) if args.model is not None else preset(name)
     changes: dict[str, object] = {}
     if args.random_weights:
         if cfg.build_tiny or name == "tiny":
@@ -235,14 +242,13 @@ def measure_generation(loaded, repeats: int, new_tokens: int = KV_TOKENS) -> dic
         encode_image,
         encode_text,
         image_token_count,
-        prompt_template,
     )
 
     llava = loaded.model.base_llava
     tokenizer = loaded.tokenizer
     encoded = encode_image(scene(11), loaded.processor, loaded.sam_processor)
-    n_image, template = image_token_count(loaded.processor), prompt_template(loaded.processor)
-    ids, _ = encode_text(tokenizer, QUESTIONS[0], None, n_image, template)
+    n_image = image_token_count(loaded.processor)
+    ids, _ = encode_text(tokenizer, QUESTIONS[0], None, n_image, loaded.prompt_format)
     batch = collate_text([ids], None, tokenizer.pad_token_id)
     vision_dtype = next(llava.model.vision_tower.parameters()).dtype
     inputs = {name: tensor.to(loaded.device) for name, tensor in batch.items()}
@@ -288,7 +294,9 @@ def training_batches(loaded, folder: Path, batch_size: int, count: int) -> list[
 
     generate_dataset(folder, {"train": TRAIN_IMAGES}, seed=0)
     dataset = ReasonSegDataset(folder / "train", queries="all", seed=0)
-    batcher = SampleBatcher(loaded.processor, loaded.sam_processor, seed=0)
+    batcher = SampleBatcher(
+        loaded.processor, loaded.sam_processor, seed=0, fmt=loaded.prompt_format
+    )
     batches = []
     for n in range(count):
         indices = [(n * batch_size + i) % len(dataset) for i in range(batch_size)]
@@ -569,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
         "peak GPU memory of a configuration (--estimate-memory).",
     )
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--model", metavar="DIR", help="full-model folder (a converted LISA)")
     p.add_argument("--random-weights", action="store_true", help="llava-1.5-7b, no download")
     p.add_argument("--sam", choices=SAM_CHOICES, help="SAM ViT size (llava-1.5-7b presets)")
     p.add_argument("--quantization", choices=QUANTIZATIONS)
@@ -619,6 +628,8 @@ def estimate_command(args: argparse.Namespace, cfg: ModelConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if check_cli_paths(("--model", args.model, MODEL)):
+        return 2
     notes: list[str] = []
     try:
         cfg = model_config(args, notes)

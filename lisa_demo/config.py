@@ -7,6 +7,8 @@ heavy import.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,14 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ASSETS_DIR = PROJECT_ROOT / "assets"
 BUNDLED_MODEL_DIR = ASSETS_DIR / "tiny-lisa"
 EXAMPLES_DIR = ASSETS_DIR / "examples"
+
+# A full model is a folder: llava/ and sam/ (transformers layout), projection.safetensors and
+# manifest.json (this format name, the prompt format, where the weights came from).
+FULL_MODEL_FORMAT = "lisa-studio-bundle"
+FULL_MODEL_PARTS = ("llava", "sam", "projection.safetensors", "manifest.json")
+# Where the app looks for full models (converted LISA checkpoints), one folder each.
+MODELS_DIR_ENV = "LISA_MODELS_DIR"
+DEFAULT_MODELS_DIR = Path("models")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -84,6 +94,9 @@ class ModelConfig:
     train_all: bool = False  # pretraining: every weight trains (vision tower, SAM encoder too)
     random_weights: bool = False  # build the architecture with random weights, no download
     build_tiny: bool = False  # build the random tiny model locally instead of loading
+    # How prompts are written and tokenized: None (the processor's chat template), or a full
+    # model's manifest's "question-first" | "llava-1.5" | "llava_v1" (LISA's, piecewise).
+    prompt_format: str | None = None
     losses: LossWeights = field(default_factory=LossWeights)
 
     def __post_init__(self) -> None:
@@ -123,11 +136,96 @@ class ModelConfig:
         return LANGUAGE_MODEL_PREFIX + f"({names})"
 
 
+def read_full_model_manifest(folder: str | Path) -> dict:
+    """The manifest of a full-model folder; ConfigError (one line) if `folder` is not one."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise ConfigError(f"model folder not found: {path}")
+    if not path.is_dir():
+        raise ConfigError(f"--model takes a folder, but {path} is a file")
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        manifest = None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{manifest_path} is unreadable ({err})") from err
+    if isinstance(manifest, dict) and manifest.get("format") == "lisa-studio-checkpoint":
+        raise ConfigError(
+            f"{path} is a fine-tuned checkpoint, not a full model: pass it with --checkpoint "
+            "(on top of the --model it was trained from)"
+        )
+    missing = [part for part in FULL_MODEL_PARTS if not (path / part).exists()]
+    if missing or not isinstance(manifest, dict) or manifest.get("format") != FULL_MODEL_FORMAT:
+        what = f"it lacks {', '.join(missing)}" if missing else "its manifest.json is not one"
+        raise ConfigError(
+            f"{path} is not a full model folder ({what}); a full model holds llava/, sam/, "
+            "projection.safetensors and manifest.json (python -m lisa_demo.convert writes one "
+            "from a LISA checkpoint)"
+        )
+    return manifest
+
+
+def resolve_model_dir(name: str | Path) -> Path:
+    """A full-model folder as given, or a Hub model repo ("USER/NAME") holding one, downloaded
+    once into the Hub cache (a converted LISA uploaded with `hf upload`)."""
+    path = Path(name).expanduser()
+    text = str(name)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text))
+    except Exception as err:  # offline, private, unknown: the same advice
+        raise ConfigError(
+            f"model folder not found: {text} is not a local folder and could not be downloaded "
+            f"from the Hugging Face Hub ({type(err).__name__}); download it where you have "
+            f"network access (`hf download {text} --local-dir DIR`) and pass --model DIR"
+        ) from err
+
+
+def full_model_config(folder: str | Path) -> ModelConfig:
+    """The ModelConfig of a full-model folder (the bundled model, a converted LISA), or of a Hub
+    repo holding one."""
+    path = resolve_model_dir(folder)
+    manifest = read_full_model_manifest(path)
+    precision = manifest.get("precision", "fp32")
+    return ModelConfig(
+        llava=str(path / "llava"),
+        sam=str(path / "sam"),
+        heads=str(path),
+        precision=precision if precision in PRECISIONS else "fp32",
+        prompt_format=manifest.get("prompt_format"),
+    )
+
+
+def models_dir(environ: dict | None = None) -> Path:
+    """The folder the app lists full models from (LISA_MODELS_DIR, default ./models)."""
+    env = os.environ if environ is None else environ
+    return Path(env.get(MODELS_DIR_ENV) or DEFAULT_MODELS_DIR).expanduser()
+
+
+def find_full_models(folder: Path) -> list[Path]:
+    """Every full-model folder directly inside `folder`, by name."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in sorted(folder.iterdir()):
+        try:
+            read_full_model_manifest(child)
+        except ConfigError:
+            continue
+        found.append(child)
+    return found
+
+
 def _bundled() -> ModelConfig:
     return ModelConfig(
         llava=str(BUNDLED_MODEL_DIR / "llava"),
         sam=str(BUNDLED_MODEL_DIR / "sam"),
         heads=str(BUNDLED_MODEL_DIR),
+        prompt_format="question-first",
     )
 
 
@@ -157,6 +255,21 @@ PRESETS: dict[str, object] = {
     # llava-1.5-7b in 4-bit NF4 + SAM ViT-H: the paper's SAM, more memory.
     "llava-1.5-7b-sam-huge": lambda: _llava_7b("facebook/sam-vit-huge"),
 }
+
+
+def base_model_config(
+    preset_name: str | None,
+    model_dir: str | Path | None = None,
+    llava: str | None = None,
+    sam: str | None = None,
+) -> ModelConfig:
+    """What a CLI's model options name: `--model DIR` (a full-model folder), else the preset
+    (default "tiny", the bundled model). `--model` excludes `--preset`, `--llava` and `--sam`."""
+    if model_dir is None:
+        return preset(preset_name or "tiny")
+    if preset_name is not None or llava or sam:
+        raise ConfigError("--model names the whole model: drop --preset, --llava and --sam")
+    return full_model_config(model_dir)
 
 
 def preset(name: str) -> ModelConfig:

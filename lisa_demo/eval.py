@@ -4,8 +4,9 @@
 
 PRED_DIR holds one PNG per scored query: NAME.png for each image's first query (LISA's
 protocol), or NAME_q{index}.png (0-based query index) for every query with --all-queries.
-Non-zero pixels are foreground. A missing file counts as an empty mask and is reported on
-stderr. Ignore pixels of the ground truth are excluded.
+Non-zero pixels are foreground; masks are read as displayed (their EXIF orientation applied)
+and must match the image as displayed. A missing file counts as an empty mask and is reported
+on stderr. Ignore pixels of the ground truth are excluded.
 """
 
 from __future__ import annotations
@@ -18,11 +19,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
+from lisa_demo.atomic import complete_folder
 from lisa_demo.config import PRECISIONS, QUANTIZATIONS
-from lisa_demo.data.reasonseg import DataError, ReasonSegDataset, Sample
+from lisa_demo.data.reasonseg import (
+    EXIF_ORIENTATION_TAG,
+    EXPECTED_LAYOUT,
+    TRANSPOSED_ORIENTATIONS,
+    DataError,
+    ReasonSegDataset,
+    Sample,
+)
 from lisa_demo.metrics import IoUAccumulator, intersection_union
+from lisa_demo.paths import (
+    CHECKPOINT,
+    CHECKPOINT_FOLDER,
+    FOLDER,
+    MODEL,
+    OUTPUT_FILE,
+    check_cli_paths,
+)
 
 
 class PredictionError(ValueError):
@@ -35,26 +52,51 @@ def prediction_name(sample: Sample, all_queries: bool) -> str:
     return f"{name}_q{sample.query_index}.png" if all_queries else f"{name}.png"
 
 
-def load_prediction(path: Path, height: int, width: int) -> np.ndarray:
+def load_prediction(
+    path: Path, height: int, width: int, image_path: Path | None = None
+) -> np.ndarray:
     """Read a prediction mask: bool [height, width], True where any non-alpha band is non-zero.
+
+    The mask is read as displayed: an EXIF orientation in the PNG itself is applied, as it is
+    to the images. height and width are the image's size after its own EXIF orientation.
+
+    Args:
+        image_path: the scored image; when given, a prediction saved at the image's stored size
+            (its EXIF orientation not applied) is named as such in the error.
 
     Raises:
         PredictionError: unreadable file, or a size other than the image's.
     """
     try:
         with Image.open(path) as image:
-            pixels = np.array(image)
-            colour_bands = [i for i, band in enumerate(image.getbands()) if band != "A"]
+            oriented = ImageOps.exif_transpose(image)
+            pixels = np.array(oriented)
+            colour_bands = [i for i, band in enumerate(oriented.getbands()) if band != "A"]
     except (OSError, SyntaxError, ValueError) as error:
         raise PredictionError(f"cannot read prediction {path}: {error}") from error
     if pixels.shape[:2] != (height, width):
-        raise PredictionError(
-            f"prediction {path} is {pixels.shape[1]}x{pixels.shape[0]} (WxH) but its image is "
-            f"{width}x{height}; save masks at the original image size"
-        )
+        found = f"{pixels.shape[1]}x{pixels.shape[0]}"
+        mismatch = f"prediction {path} is {found} (WxH) but its image is {width}x{height}"
+        orientation = None if image_path is None else _transposing_orientation(image_path)
+        if orientation is not None and pixels.shape[:2] == (width, height):
+            raise PredictionError(
+                f"{mismatch} as displayed (EXIF orientation {orientation}; the file stores "
+                f"{found}); save masks in the displayed orientation (PIL.ImageOps.exif_transpose)"
+            )
+        raise PredictionError(f"{mismatch}; save masks at the original image size")
     if pixels.ndim == 3:
         return pixels[..., colour_bands].any(axis=-1)  # alpha is not a foreground signal
     return pixels != 0
+
+
+def _transposing_orientation(image_path: Path) -> int | None:
+    """The image file's EXIF orientation when it swaps width and height, else None."""
+    try:
+        with Image.open(image_path) as image:
+            orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return orientation if orientation in TRANSPOSED_ORIENTATIONS else None
 
 
 def score_prediction_folder(
@@ -83,7 +125,7 @@ def score_prediction_folder(
         path = pred_dir / file_name
         found = path.is_file()
         if found:
-            pred = load_prediction(path, record.height, record.width)
+            pred = load_prediction(path, record.height, record.width, record.image_path)
         else:
             missing.append(file_name)
             pred = np.zeros((record.height, record.width), dtype=bool)
@@ -117,10 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--checkpoint", type=Path, help="score a fine-tuned checkpoint")
     source.add_argument(
-        "--model-only", action="store_true", help="score the --preset / --llava --sam model"
+        "--model-only",
+        action="store_true",
+        help="score the --model (or --preset / --llava --sam) model itself",
     )
     model = parser.add_argument_group("model scoring (with --checkpoint or --model-only)")
-    model.add_argument("--preset", default="tiny", help="base model preset (default: tiny)")
+    model.add_argument("--model", type=Path, metavar="DIR", help="full-model folder to score")
+    model.add_argument("--preset", default=None, help="base model preset (default: tiny)")
     model.add_argument("--llava", default=None, help="LLaVA Hub id or folder (overrides)")
     model.add_argument("--sam", default=None, help="SAM Hub id or folder (overrides)")
     model.add_argument("--quantization", choices=QUANTIZATIONS, default=None)
@@ -162,15 +207,16 @@ def _report(accumulator: IoUAccumulator, missing: list[str], as_json: bool) -> N
 def score_model_cli(args: argparse.Namespace) -> int:
     """Run a model on the split with the training-time validation code and print its scores."""
     from lisa_demo.checkpoint import CheckpointError
-    from lisa_demo.config import ConfigError, preset
-    from lisa_demo.loading import ModelLoadError, load_lisa
+    from lisa_demo.config import ConfigError, base_model_config
+    from lisa_demo.loading import ModelLoadError, load_lisa, quiet_library_output
     from lisa_demo.train.evaluate import score_model
 
+    quiet_library_output()
     try:
         queries = "all" if args.all_queries else "first"
         dataset = ReasonSegDataset(args.dataset, queries=queries)
         print(dataset.report.summary(), file=sys.stderr)
-        cfg = preset(args.preset)
+        cfg = base_model_config(args.preset, args.model, args.llava, args.sam)
         overrides = {k: getattr(args, k) for k in ("quantization", "precision") if getattr(args, k)}
         if args.llava or args.sam:
             overrides.update(llava=args.llava or cfg.llava, sam=args.sam or cfg.sam)
@@ -182,10 +228,7 @@ def score_model_cli(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2 if not isinstance(error, DataError) else 1
     per_sample = result.pop("per_sample")
-    target = args.per_sample
-    if target is None:
-        home = args.checkpoint if args.checkpoint is not None else Path.cwd()
-        target = Path(home) / f"eval_{Path(args.dataset).name}.json"
+    target = per_sample_file(args)
     Path(target).write_text(json.dumps({**result, "per_sample": per_sample}, indent=2))
     print(f"per-sample IoUs written to {target}", file=sys.stderr)
     if args.json:
@@ -201,10 +244,35 @@ def score_model_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def per_sample_file(args: argparse.Namespace) -> Path:
+    """--per-sample, else eval_<split>.json beside the checkpoint (or in the current folder)."""
+    if args.per_sample is not None:
+        return args.per_sample
+    home = Path.cwd() if args.checkpoint is None else complete_folder(args.checkpoint)
+    return Path(home or args.checkpoint) / f"eval_{Path(args.dataset).name}.json"
+
+
+def path_arguments(args: argparse.Namespace) -> list[tuple]:
+    """(flag, value, kind) of every path the command reads or writes, for lisa_demo.paths."""
+    scores_model = args.checkpoint is not None or args.model_only
+    return [
+        ("--dataset", args.dataset, FOLDER, EXPECTED_LAYOUT),
+        ("--predictions", args.predictions, FOLDER, "a folder of NAME.png masks"),
+        ("--checkpoint", args.checkpoint, CHECKPOINT, CHECKPOINT_FOLDER),
+        ("--model", args.model, MODEL),
+        ("--llava", args.llava, MODEL),
+        ("--sam", args.sam, MODEL),
+        ("--per-sample", per_sample_file(args) if scores_model else None, OUTPUT_FILE),
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 1 bad data, 2 unsupported request)."""
+    """CLI entry point; returns the exit status (0 ok, 1 bad data, 2 unsupported request or
+    a path argument that cannot work)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if check_cli_paths(*path_arguments(args)):
+        return 2
     if args.checkpoint is not None or args.model_only:
         return score_model_cli(args)
     try:

@@ -11,6 +11,7 @@ the real processor.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,60 @@ IGNORE_LABEL = -100
 QUESTION_MARK = "\x00question\x00"
 # llava-1.5's single-turn prompt; the answer follows after a space.
 LLAVA_PROMPT = f"USER: {IMAGE_TOKEN}\n{QUESTION_MARK} ASSISTANT:"
+
+
+# LISA's prompt (the llava_v1 conversation of every published LISA model): the image, wrapped
+# in <im_start> / <im_end>, comes first, then a newline and the question.
+LISA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the human's questions."
+)
+LISA_IM_START, LISA_IM_END = "<im_start>", "<im_end>"
+LISA_PROMPT = (
+    f"{LISA_SYSTEM} USER: {LISA_IM_START}{IMAGE_TOKEN}{LISA_IM_END}\n{QUESTION_MARK} ASSISTANT:"
+)
+# The prompt formats a full model's manifest may name ("prompt_format").
+PROMPT_FORMATS = ("question-first", "llava-1.5", "llava_v1")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a model's prompts are written and tokenized.
+
+    template: the single-turn prompt, IMAGE_TOKEN and QUESTION_MARK marking the image and the
+        question; the answer follows after a space.
+    piecewise: LISA's tokenization (its slow LLaMA tokenizer of transformers 4.31): the text is
+        split around every added token, whitespace next to an added token is dropped, and each
+        piece is encoded on its own (so each gets its own leading "\u2581").
+    image_token: the token the image placeholder expands into (LISA-7B: "<im_patch>").
+    """
+
+    name: str
+    template: str
+    piecewise: bool = False
+    image_token: str = IMAGE_TOKEN
+
+    @property
+    def image_first(self) -> bool:
+        return image_first(self.template)
+
+
+def prompt_format(processor, name: str | None = None) -> PromptFormat:
+    """The prompt format `name` (a manifest's "prompt_format"), or, when None, the one the
+    processor's chat template gives (llava-1.5's when it has none)."""
+    if name == "llava_v1":
+        image_token = getattr(processor, "image_token", None) or IMAGE_TOKEN
+        return PromptFormat(name, LISA_PROMPT, piecewise=True, image_token=image_token)
+    if name is not None and name not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {name!r}; known: {', '.join(PROMPT_FORMATS)}")
+    template = prompt_template(processor)
+    found = "llava-1.5" if image_first(template) else "question-first"
+    if name is not None and name != found:
+        raise ValueError(
+            f"the model's manifest says prompt format {name!r}, but its processor's chat "
+            f"template gives {found!r}: the folder is inconsistent"
+        )
+    return PromptFormat(found, template)
 
 
 def prompt_template(processor) -> str:
@@ -96,20 +151,67 @@ def image_token_count(processor) -> int:
     return int(data["num_image_tokens"][0])
 
 
+def added_token_strings(tokenizer) -> list[str]:
+    """The tokenizer's added tokens that are not special ([SEG], <im_start>, ...)."""
+    special = set(tokenizer.all_special_tokens)
+    decoder = tokenizer.added_tokens_decoder
+    return [t.content for t in decoder.values() if t.content not in special and not t.special]
+
+
+def lisa_tokenize(tokenizer, text: str, added: Sequence[str], bos: bool) -> list[int]:
+    """Ids of `text` by LISA's rule: split around the `added` tokens (longest first), strip the
+    whitespace on both sides of each, encode every remaining non-empty piece on its own."""
+    ids = [tokenizer.bos_token_id] if bos else []
+    if not added:
+        return ids + (tokenizer(text, add_special_tokens=False).input_ids if text else [])
+    pattern = "(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")"
+    parts = re.split(pattern, text)  # odd positions hold the added tokens
+    for i in range(1, len(parts), 2):
+        parts[i - 1] = parts[i - 1].rstrip()
+        parts[i + 1] = parts[i + 1].lstrip()
+    for i, part in enumerate(parts):
+        if i % 2:
+            ids.append(tokenizer.convert_tokens_to_ids(part))
+        elif part:
+            ids.extend(tokenizer(part, add_special_tokens=False).input_ids)
+    return ids
+
+
+def lisa_prompt_ids(tokenizer, prompt: str, image_token: str, n_image_tokens: int) -> list[int]:
+    """LISA's prompt ids: the text on each side of the image placeholder is tokenized by
+    `lisa_tokenize` (BOS before the first part only) and the placeholder becomes
+    `n_image_tokens` copies of `image_token`'s id."""
+    added = added_token_strings(tokenizer)
+    chunks = prompt.split(IMAGE_TOKEN)
+    image_ids = [tokenizer.convert_tokens_to_ids(image_token)] * n_image_tokens
+    ids = lisa_tokenize(tokenizer, chunks[0], added, bos=True)
+    for chunk in chunks[1:]:
+        ids += image_ids + lisa_tokenize(tokenizer, chunk, added, bos=False)
+    return ids
+
+
 def encode_text(
     tokenizer,
     question: str,
     answer: str | None,
     n_image_tokens: int,
-    template: str = LLAVA_PROMPT,
+    template: str | PromptFormat = LLAVA_PROMPT,
 ) -> tuple[list[int], list[int]]:
     """Token ids of prompt (+ answer and EOS) and labels that score the answer tokens only.
-    `template`: the model's prompt (`prompt_template(processor)`)."""
-    prompt = chat_prompt(question, template).replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens)
-    prompt_ids = tokenizer(prompt).input_ids
+    `template`: the model's prompt format (`prompt_format(processor, name)`) or template."""
+    fmt = template if isinstance(template, PromptFormat) else None
+    text = chat_prompt(question, fmt.template if fmt else template)
+    if fmt is not None and fmt.piecewise:
+        prompt_ids = lisa_prompt_ids(tokenizer, text, fmt.image_token, n_image_tokens)
+    else:
+        prompt_ids = tokenizer(text.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens)).input_ids
     if answer is None:
         return prompt_ids, [IGNORE_LABEL] * len(prompt_ids)
-    answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids
+    if fmt is not None and fmt.piecewise:
+        added = added_token_strings(tokenizer)
+        answer_ids = lisa_tokenize(tokenizer, answer.strip(), added, bos=False)
+    else:
+        answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids
     answer_ids = answer_ids + [tokenizer.eos_token_id]
     labels = [IGNORE_LABEL] * len(prompt_ids) + answer_ids
     return prompt_ids + answer_ids, labels

@@ -26,6 +26,7 @@ from lisa_demo.config import (
     ConfigError,
     ModelConfig,
 )
+from lisa_demo.inputs import PromptFormat, prompt_format
 from lisa_demo.model import LisaModel
 
 log = logging.getLogger("lisa_demo.loading")
@@ -58,6 +59,12 @@ class LoadedLisa:
     @property
     def seg_token_id(self) -> int:
         return self.model.seg_token_id
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """How this model's prompts are written and tokenized (its manifest says, else the
+        processor's chat template)."""
+        return prompt_format(self.processor, self.config.prompt_format)
 
     def manifest(self, **extra: object) -> dict:
         """What a checkpoint of this model must record to be reloaded onto the same base."""
@@ -443,6 +450,8 @@ def load_lisa(
     checkpoint's weights load, so that they are restored with the rest; they train.
     """
     device = pick_device(device)
+    if checkpoint is not None:  # once: the manifest and the weights come from one folder
+        checkpoint = ckpt.resolve_checkpoint(checkpoint)
     manifest = ckpt.read_manifest(checkpoint) if checkpoint is not None else None
     if manifest is not None:
         cfg = _apply_checkpoint_settings(cfg, manifest)
@@ -527,6 +536,19 @@ def save_full_model(loaded: LoadedLisa, out: Path | str) -> Path:
         save_file(state, str(tmp / PROJECTION_FILE))
 
     return ckpt.write_atomically(Path(out), write)
+
+
+def quiet_library_output() -> None:
+    """No progress bars, deprecation notices or library chatter on a user's terminal: a
+    command's own lines (and its one `error:` line) are what it prints."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for library in ("transformers", "peft", "accelerate", "huggingface_hub"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=library)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=library)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 __all__ = [

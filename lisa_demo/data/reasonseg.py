@@ -30,8 +30,9 @@ IGNORE_VALUE = 255
 QUERY_MODES = ("all", "first", "random")
 EXPECTED_LAYOUT = "a ReasonSeg folder of NAME.jpg + NAME.json pairs (NAME.jpeg/.png also read)"
 
-_EXIF_ORIENTATION_TAG = 0x0112
-_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+EXIF_ORIENTATION_TAG = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_INT32_LIMIT = 2.0**31  # polygon coordinates must convert to int32 pixels
 # What PIL raises on a corrupt or truncated header, depending on the format plugin.
 _HEADER_ERRORS = (
     OSError,
@@ -67,20 +68,26 @@ def is_flag_shape(shape: dict) -> bool:
 
 
 def polygon_points(shape: object) -> np.ndarray | None:
-    """The shape's points as float64 [N, 2] (x, y), or None unless N >= 3 finite points."""
+    """The shape's points as float64 [N, 2] (x, y), or None unless N >= 1 finite points.
+
+    One or two points are kept: LISA paints them too (a dot, a line). Points may lie outside
+    the image (annotators click past the border); only coordinates beyond the int32 range,
+    where the pixel conversion is undefined, make a polygon unusable.
+    """
     if not isinstance(shape, dict):
         return None
     try:
         points = np.asarray(shape.get("points"), dtype=np.float64)
     except (TypeError, ValueError):
         return None
-    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 1:
         return None
-    return points if np.isfinite(points).all() else None
+    usable = np.isfinite(points).all() and (np.abs(points) < _INT32_LIMIT).all()
+    return points if usable else None
 
 
 def usable_shapes(shapes: Sequence[object]) -> tuple[dict, ...]:
-    """Shapes that rasterise: flag shapes and polygons with fewer than 3 points dropped."""
+    """Shapes that rasterise: flag shapes and polygons without usable points dropped."""
     return tuple(
         shape
         for shape in shapes
@@ -90,50 +97,55 @@ def usable_shapes(shapes: Sequence[object]) -> tuple[dict, ...]:
     )
 
 
-def _pixel_points(points: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Clip float (x, y) points to the image, then truncate to int32 pixels, as LISA does."""
-    clipped = np.stack(
-        [np.clip(points[:, 0], 0, width - 1), np.clip(points[:, 1], 0, height - 1)], axis=1
-    )
-    return np.floor(clipped).astype(np.int32)
+def _pixel_points(points: np.ndarray) -> np.ndarray:
+    """int32 [N, 2] pixels of float (x, y) points, truncated toward zero (-1.7 -> -1,
+    -0.5 -> 0, 2.9 -> 2) and not clipped, as LISA's int32 conversion gives them."""
+    return points.astype(np.int32)
 
 
 def _paint_polygon(canvas: np.ndarray, points: np.ndarray, value: int) -> None:
-    """Paint a closed polygon in place: its 1-pixel outline, then its filled inside."""
+    """Paint a closed polygon in place: its 1-pixel outline, then its filled inside.
+
+    OpenCV paints only the part inside the canvas; a polygon leaving it keeps its shape.
+    """
     cv2.polylines(canvas, [points], isClosed=True, color=int(value), thickness=1)
     cv2.fillPoly(canvas, [points], color=int(value))
 
 
-def _painted_area(points: np.ndarray) -> int:
-    """Pixels a polygon covers when painted (computed on its bounding box only)."""
-    origin = points.min(axis=0)
-    local = points - origin
-    width, height = local.max(axis=0) + 1
-    canvas = np.zeros((int(height), int(width)), dtype=np.uint8)
-    _paint_polygon(canvas, local, 1)
+def _painted_area(points: np.ndarray, height: int, width: int) -> int:
+    """Pixels a polygon covers inside the image (painted on an image-size canvas, as LISA
+    measures it: the part outside the image does not count)."""
+    canvas = np.zeros((height, width), dtype=np.uint8)
+    _paint_polygon(canvas, points, 1)
     return int(np.count_nonzero(canvas))
 
 
 def rasterize_shapes(shapes: Sequence[dict], height: int, width: int) -> np.ndarray:
     """Paint LabelMe polygons into a ReasonSeg mask exactly as LISA does.
 
-    Flag shapes and polygons with fewer than 3 points are dropped; points are clipped to the
-    image. Polygons are painted largest first (area = pixels covered), each as its 1-pixel
-    outline then its inside, so smaller shapes painted later win; ties keep file order.
+    Flag shapes and polygons without usable points are dropped (one or two points paint a
+    dot or a line, as in the reference). Points become pixels by
+    int32 conversion (truncation toward zero), with no clipping: a polygon that leaves the
+    image keeps its shape and only its inside part is painted. Each polygon's area is the
+    pixels it covers inside the image; the paint order is np.argsort(areas)[::-1] over the
+    areas in file order (largest first, so smaller shapes painted later win; on equal areas
+    numpy's default sort decides, as in the reference). Each polygon is painted as its
+    1-pixel outline, then filled.
 
     Returns:
         uint8 [height, width]: 0 background, 1 target, 255 ignore (label containing "ignore").
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"mask size must be positive, got {height}x{width}")
-    painted = []
-    for shape in usable_shapes(shapes):
-        points = _pixel_points(polygon_points(shape), height, width)
-        value = IGNORE_VALUE if is_ignore_shape(shape) else TARGET_VALUE
-        painted.append((_painted_area(points), points, value))
+    usable = usable_shapes(shapes)
+    polygons = [_pixel_points(polygon_points(shape)) for shape in usable]
+    # uint64, the dtype of the reference's canvas sums: numpy's sort, and so the order of
+    # equal areas, is then the same.
+    areas = np.array([_painted_area(points, height, width) for points in polygons], np.uint64)
     mask = np.full((height, width), BACKGROUND_VALUE, dtype=np.uint8)
-    for _, points, value in sorted(painted, key=lambda item: -item[0]):
-        _paint_polygon(mask, points, value)
+    for index in np.argsort(areas)[::-1]:
+        value = IGNORE_VALUE if is_ignore_shape(usable[index]) else TARGET_VALUE
+        _paint_polygon(mask, polygons[index], value)
     return mask
 
 
@@ -150,7 +162,7 @@ class ImageRecord:
     json_path: Path
     queries: tuple[str, ...]  # 1-5 paraphrases, stripped, non-empty
     is_sentence: bool  # sentence query (True) or short phrase (False)
-    shapes: tuple[dict, ...]  # usable LabelMe shapes (flags dropped, polygons >= 3 points)
+    shapes: tuple[dict, ...]  # usable LabelMe shapes (flags and point-less polygons dropped)
     height: int  # pixels, after EXIF orientation
     width: int
     family: str | None = None  # optional top-level "family" key (synthetic data)
@@ -197,7 +209,7 @@ class ReadReport:
     samples: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     empty_targets: int = 0  # kept with an empty mask, as the reference does
-    dropped_polygons: int = 0  # polygons with fewer than 3 (finite) points
+    dropped_polygons: int = 0  # polygons without usable (finite, int32) points
 
     def skip(self, reason: str, path: Path, detail: str) -> None:
         """Count one skipped file and log one warning line about it."""
@@ -214,7 +226,7 @@ class ReadReport:
         if self.empty_targets:
             line += f"; {self.empty_targets} with an empty target"
         if self.dropped_polygons:
-            line += f"; dropped {self.dropped_polygons} polygons with < 3 points"
+            line += f"; dropped {self.dropped_polygons} polygons without usable points"
         return line
 
 
@@ -275,10 +287,10 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+            orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
     except _HEADER_ERRORS as error:
         raise DataError(f"{path} is not a readable image: {error}") from error
-    if orientation in _TRANSPOSED_ORIENTATIONS:
+    if orientation in TRANSPOSED_ORIENTATIONS:
         width, height = height, width
     return height, width
 

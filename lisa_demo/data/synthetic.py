@@ -37,6 +37,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from lisa_demo.paths import OUTPUT_FOLDER, check_cli_paths
+
 SHAPE_KINDS = ("circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "heart")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 30, 35),
@@ -1145,6 +1147,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     args = _parser().parse_args(argv)
+    if check_cli_paths(("--out", args.out, OUTPUT_FOLDER)):
+        return 2
     splits = {"train": args.train, "val": args.val, "test": args.test}
     try:
         counts = generate_dataset(

@@ -12,10 +12,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from lisa_demo.config import PRECISIONS, PRESETS, QUANTIZATIONS, ConfigError, ModelConfig, preset
+from lisa_demo.config import (
+    PRECISIONS,
+    PRESETS,
+    QUANTIZATIONS,
+    ConfigError,
+    ModelConfig,
+    base_model_config,
+)
+from lisa_demo.paths import (
+    CHECKPOINT,
+    CHECKPOINT_FOLDER,
+    FILE,
+    MODEL,
+    OUTPUT_FOLDER,
+    check_cli_paths,
+)
 
 EXIT_USER_ERROR = 2
 
@@ -29,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--query", required=True, help="the question, used verbatim")
     parser.add_argument("--checkpoint", help="fine-tuned checkpoint folder written by training")
     parser.add_argument(
-        "--preset", default="tiny", choices=list(PRESETS), help="model preset (default: tiny)"
+        "--model",
+        metavar="DIR",
+        help="full-model folder (assets/tiny-lisa, a converted LISA; default: the bundled model)",
+    )
+    parser.add_argument(
+        "--preset", choices=list(PRESETS), help="model preset instead of --model (default: tiny)"
     )
     parser.add_argument("--llava", help="LLaVA Hub id or local folder (overrides the preset's)")
     parser.add_argument("--sam", help="SAM Hub id or local folder (overrides the preset's)")
@@ -51,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     """The preset, with the sources, quantization and precision the user overrode."""
-    cfg = preset(args.preset)
+    cfg = base_model_config(args.preset, args.model, args.llava, args.sam)
     if args.llava or args.sam:
         llava, sam = cfg.llava, cfg.sam
         if cfg.build_tiny and not (args.llava and args.sam):
@@ -127,17 +148,34 @@ def print_human(report: dict) -> None:
         print(f"note: {report['message']}")
 
 
-def run(args: argparse.Namespace) -> int:
-    from lisa_demo.infer.pipeline import LisaPipeline, load_image
+def mask_folder(args: argparse.Namespace) -> Path:
+    return args.out_dir or Path("outputs") / Path(args.image).stem
 
+
+def path_arguments(args: argparse.Namespace) -> list[tuple]:
+    """(flag, value, kind) of every path the command reads or writes, for lisa_demo.paths."""
+    return [
+        ("--image", args.image, FILE, "an image file"),
+        ("--checkpoint", args.checkpoint, CHECKPOINT, CHECKPOINT_FOLDER),
+        ("--model", args.model, MODEL),
+        ("--llava", args.llava, MODEL),
+        ("--sam", args.sam, MODEL),
+        ("--out-dir", mask_folder(args), OUTPUT_FOLDER),
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    from lisa_demo.infer.pipeline import LisaPipeline, check_query, load_image
+
+    check_query(args.query)  # every argument is checked before a model loads
     cfg = model_config(args)
     _check_device(args.device)
-    image = load_image(args.image)  # fail on a bad image before loading a model
+    image = load_image(args.image)
     pipeline = LisaPipeline.from_config(
         cfg, checkpoint=args.checkpoint, device=args.device, max_new_tokens=args.max_new_tokens
     )
     result = pipeline.segment(image, args.query, threshold=args.threshold)
-    out_dir = args.out_dir or Path("outputs") / Path(args.image).stem
+    out_dir = mask_folder(args)
     try:
         files = write_masks(result.masks, out_dir)
     except OSError as err:
@@ -151,23 +189,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """No progress bars or library chatter on a user's terminal."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 1:
         print("error: --max-new-tokens must be at least 1", file=sys.stderr)
         return EXIT_USER_ERROR
-    _quiet_libraries()
+    if not math.isfinite(args.threshold):
+        print(f"error: --threshold must be a finite number, got {args.threshold}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if check_cli_paths(*path_arguments(args)):
+        return EXIT_USER_ERROR
     from lisa_demo.checkpoint import CheckpointError
     from lisa_demo.infer.pipeline import InputError
-    from lisa_demo.loading import ModelLoadError
+    from lisa_demo.loading import ModelLoadError, quiet_library_output
+
+    quiet_library_output()
 
     try:
         return run(args)

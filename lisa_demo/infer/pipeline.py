@@ -39,13 +39,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from lisa_demo.config import IMAGE_TOKEN, SEG_TOKEN, ModelConfig
 from lisa_demo.inputs import (
+    added_token_strings,
     collate_text,
     encode_image,
     encode_text,
-    image_first,
     image_key,
     image_token_count,
-    prompt_template,
 )
 from lisa_demo.loading import LoadedLisa, load_lisa
 
@@ -217,6 +216,7 @@ class SegmentationResult:
     timings: dict[str, float]  # seconds: image_encoding, generation, mask_decoding, total
     cache_hit: bool  # whether the image encodings came from the cache
     message: str | None = None  # why there is no (or an empty) mask, when that happens
+    token_ids: list[int] | None = None  # the generated tokens (EOS excluded)
 
 
 @dataclass
@@ -245,6 +245,7 @@ class _Answer:
     text: str
     seg_states: torch.Tensor  # [n, H], last layer after the final norm
     truncated: bool  # stopped at max_new_tokens rather than at EOS
+    tokens: list[int]  # generated ids, EOS excluded
 
 
 # The pipeline -------------------------------------------------------------------------------
@@ -278,8 +279,13 @@ class LisaPipeline:
         self.lock = threading.Lock()
         self._cache: OrderedDict[str, _ImageEncoding] = OrderedDict()
         self._n_image_tokens = image_token_count(loaded.processor)
-        self._template = prompt_template(loaded.processor)
-        self._image_first = image_first(self._template)
+        self._format = loaded.prompt_format
+        self._image_first = self._format.image_first
+        # LISA's tokenization splits a query around added tokens: refuse them in queries.
+        self._reserved = added_token_strings(loaded.tokenizer) if self._format.piecewise else []
+        # Tokens the model must never generate (an `<image>` placeholder added by conversion).
+        suppress = getattr(loaded.model.base_llava.generation_config, "suppress_tokens", None)
+        self._suppress = list(suppress or [])
         # Called as processor(sequence, scores) before each greedy choice (the benchmark forces
         # an answer with one); None in normal use.
         self.logits_processor = None
@@ -327,7 +333,7 @@ class LisaPipeline:
         start = time.perf_counter()
         if isinstance(queries, str) or not queries:
             raise InputError("pass a non-empty list of queries")
-        questions = [check_query(q) for q in queries]
+        questions = [self._check_query(q) for q in queries]
         threshold = _check_threshold(threshold)
         pixels = load_image(image)
         with torch.inference_mode():
@@ -351,9 +357,17 @@ class LisaPipeline:
                 timings=dict(timings),
                 cache_hit=cache_hit,
                 message=self._message(answer, answer_masks, threshold),
+                token_ids=answer.tokens,
             )
             for answer, answer_masks in zip(answers, masks, strict=True)
         ]
+
+    def _check_query(self, query: str) -> str:
+        text = check_query(query)
+        for token in self._reserved:
+            if token in text:
+                raise InputError(f"the query must not contain {token!r}; remove it")
+        return text
 
     # Stages ---------------------------------------------------------------------------
     @property
@@ -394,8 +408,8 @@ class LisaPipeline:
 
     def _prompt_ids(self, questions: list[str]) -> list[list[int]]:
         tokenizer = self.loaded.tokenizer
-        n_image, template = self._n_image_tokens, self._template
-        ids = [encode_text(tokenizer, q, None, n_image, template)[0] for q in questions]
+        n_image, fmt = self._n_image_tokens, self._format
+        ids = [encode_text(tokenizer, q, None, n_image, fmt)[0] for q in questions]
         limit = self._llava.config.text_config.max_position_embeddings
         for question, prompt in zip(questions, ids, strict=True):
             if len(prompt) + self.max_new_tokens > limit:
@@ -457,6 +471,7 @@ class LisaPipeline:
                     text=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                     seg_states=row_states[:end][is_seg.to(row_states.device)],
                     truncated=eos_id not in row,
+                    tokens=tokens,
                 )
             )
         return answers
@@ -554,6 +569,8 @@ class LisaPipeline:
             )
             state = out.last_hidden_state[:, -1]  # after the final norm
             scores = llava.lm_head(state).float()
+            if self._suppress:
+                scores[:, self._suppress] = float("-inf")
             if processor is not None:
                 scores = processor(sequence, scores)
             chosen = scores.argmax(dim=-1)

@@ -20,11 +20,12 @@ from lisa_demo.data.prompts import EVAL_ANSWER, eval_question, training_answer, 
 from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
 from lisa_demo.inputs import (
     EncodedImage,
+    PromptFormat,
     collate_text,
     encode_image,
     encode_text,
     image_token_count,
-    prompt_template,
+    prompt_format,
 )
 
 
@@ -84,10 +85,14 @@ class ImageStore:
 class TextEncoder:
     """Questions and answers to token ids, with LISA's templates."""
 
-    def __init__(self, processor, explanation_lead: float = 0.0) -> None:
+    def __init__(
+        self, processor, explanation_lead: float = 0.0, fmt: PromptFormat | None = None
+    ) -> None:
+        """fmt: the model's prompt format (LoadedLisa.prompt_format); default: the
+        processor's chat template."""
         self.tokenizer = processor.tokenizer
         self.n_image_tokens = image_token_count(processor)
-        self.template = prompt_template(processor)
+        self.template = fmt or prompt_format(processor)
         self.explanation_lead = explanation_lead
 
     def _encode(self, question: str, answer: str | None) -> tuple[list[int], list[int]]:
@@ -117,9 +122,10 @@ class SampleBatcher:
         seed: int = 0,
         explanation_lead: float = 0.0,
         image_capacity: int = IMAGE_STORE_SIZE,
+        fmt: PromptFormat | None = None,
     ) -> None:
         self.images = ImageStore(processor, sam_processor, capacity=image_capacity)
-        self.text = TextEncoder(processor, explanation_lead)
+        self.text = TextEncoder(processor, explanation_lead, fmt)
         self.pad_id = processor.tokenizer.pad_token_id
         self.seed = seed
 

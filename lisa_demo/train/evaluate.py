@@ -120,7 +120,7 @@ def score_model(
     seg_rate_samples: int = 0,
 ) -> dict:
     """LISA-protocol scores of a loaded model on `samples` (one process)."""
-    batcher = SampleBatcher(loaded.processor, loaded.sam_processor)
+    batcher = SampleBatcher(loaded.processor, loaded.sam_processor, fmt=loaded.prompt_format)
     model = loaded.model
     acc, per_sample = evaluate_samples(model, batcher, samples, batch_size, loaded.device)
     result = {**acc.as_dict(), "families": family_breakdown(per_sample)}

@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from lisa_demo.atomic import complete_folder, recover_interrupted_writes
 from lisa_demo.checkpoint import WEIGHTS, save_checkpoint
 from lisa_demo.config import ConfigError
 from lisa_demo.cpu_speed import adamw_options
@@ -213,8 +214,9 @@ def write_checkpoint(
 def init_folder(path: Path) -> Path:
     """A checkpoint folder, or a run folder whose checkpoints/warmed is one (--init-from)."""
     for candidate in (path, path / "checkpoints" / "warmed"):
-        if (candidate / WEIGHTS).exists():
-            return candidate
+        folder = complete_folder(candidate)
+        if folder is not None and (folder / WEIGHTS).exists():
+            return folder
     raise ConfigError(
         f"--init-from {path}: no checkpoint there (a folder with {WEIGHTS}, or a "
         "run folder with checkpoints/warmed from --save-warmed)"
@@ -224,9 +226,19 @@ def init_folder(path: Path) -> Path:
 def resume_folder(path: Path) -> Path:
     """A run folder (its checkpoints/last) or a checkpoint folder."""
     for candidate in (path / "checkpoints" / "last", path / "checkpoints" / "best", path):
-        if (candidate / "trainer_state.json").exists():
-            return candidate
+        folder = complete_folder(candidate)
+        if folder is not None and (folder / "trainer_state.json").exists():
+            return folder
     raise ConfigError(f"--resume {path}: no checkpoints/last with trainer_state.json there")
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """What a killed earlier run in `output_dir` left: a checkpoint caught between its two
+    renames is put back in place, temporary checkpoint and data folders are deleted."""
+    recover_interrupted_writes(output_dir / "checkpoints")
+    if output_dir.is_dir():
+        for stale in output_dir.glob(".data-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 # The loop --------------------------------------------------------------------------------------
@@ -243,6 +255,9 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> str:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     stop = StopRequest(cfg.max_minutes)
+    if accelerator.is_main_process:
+        remove_leftovers(cfg.output_dir)
+    accelerator.wait_for_everyone()
     resume = resume_folder(cfg.resume) if cfg.resume else None
     history = load_history(cfg.resume if cfg.resume and (cfg.resume / "events.jsonl").exists()
                            else cfg.output_dir) if resume else []  # fmt: skip
@@ -294,6 +309,7 @@ def _run(
         seed=cfg.seed,
         explanation_lead=cfg.explanation_lead,
         image_capacity=cfg.image_store_size,
+        fmt=loaded.prompt_format,
     )
     # Frozen image encoders (every run but --train-all): SAM's image embeddings and LLaVA's
     # projected vision features are computed once per image, then reused.
@@ -518,8 +534,8 @@ def _end_epoch(events: EventLog, progress: Progress, metrics, cache, is_main: bo
 def _export_best(cfg: TrainConfig, loaded: LoadedLisa, core) -> None:
     from lisa_demo.checkpoint import load_trainable_state
 
-    best = cfg.output_dir / "checkpoints" / "best"
-    if best.exists():
+    best = complete_folder(cfg.output_dir / "checkpoints" / "best")
+    if best is not None:
         load_trainable_state(best, core)
     path = save_full_model(loaded, cfg.output_dir / "model")
     print(f"exported the best model to {path}")

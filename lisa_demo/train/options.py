@@ -18,9 +18,10 @@ from lisa_demo.config import (
     ConfigError,
     LossWeights,
     ModelConfig,
-    preset,
+    base_model_config,
 )
 from lisa_demo.data.synthetic import DEFAULT_EXTRA_FAMILIES, EXTRA_FAMILIES
+from lisa_demo.paths import CHECKPOINT, FILE, FOLDER, MODEL, OUTPUT_FOLDER, check_paths
 from lisa_demo.train import pretrain
 from lisa_demo.train.pretrain import PretrainOptions
 
@@ -222,7 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="share (0-1) of explained answers that name the target first, ending in [SEG]",
     )
     _add(p, "output-dir", type=Path, required=True)
-    _add(p, "preset", default="tiny", help=f"model preset: {', '.join(PRESETS)}")
+    _add(
+        p,
+        "model",
+        type=Path,
+        default=None,
+        help="full-model folder to fine-tune (assets/tiny-lisa, a converted LISA)",
+    )
+    _add(p, "preset", default=None, help=f"model preset (default tiny): {', '.join(PRESETS)}")
     _add(p, "llava", default=None, help="LLaVA Hub id or folder (overrides the preset)")
     _add(p, "sam", default=None, help="SAM Hub id or folder (overrides the preset)")
     _add(p, "quantization", choices=QUANTIZATIONS, default=None)
@@ -330,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
-    cfg = preset(args.preset)
+    cfg = base_model_config(args.preset, args.model, args.llava, args.sam)
     changes: dict[str, object] = {}
     for name in (
         "llava",
@@ -368,6 +376,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse and validate; raises ConfigError (one clear line) on nonsense."""
     args = build_parser().parse_args(argv)
+    check_paths(*path_arguments(args))  # before the model options read any folder
     return TrainConfig(
         output_dir=args.output_dir,
         model=model_config_from_args(args),
@@ -414,3 +423,18 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         save_warmed=args.save_warmed,
         pretrain=pretrain.options.from_args(args),
     )
+
+
+def path_arguments(args: argparse.Namespace) -> list[tuple]:
+    """(flag, value, kind) of every path the run reads or writes, for lisa_demo.paths."""
+    return [
+        ("--output-dir", args.output_dir, OUTPUT_FOLDER),
+        ("--dataset", args.dataset, FOLDER, "a folder with train/ and val/ (ReasonSeg layout)"),
+        ("--explanations", args.explanations, FILE, "a JSON file of explanations"),
+        ("--resume", args.resume, CHECKPOINT, "a run folder or a checkpoint folder"),
+        ("--init-from", args.init_from, CHECKPOINT, "a checkpoint folder or a run folder"),
+        ("--embedding-cache-dir", args.embedding_cache_dir, OUTPUT_FOLDER),
+        ("--model", args.model, MODEL),
+        ("--llava", args.llava, MODEL),
+        ("--sam", args.sam, MODEL),
+    ]

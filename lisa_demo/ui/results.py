@@ -1,7 +1,8 @@
 """Turning a segmentation result into what the Inference tab shows; no gradio here.
 
 Ground truth comes from an uploaded mask image (non-zero pixels are foreground; in an image with
-transparency, opaque pixels are) or from strokes painted on the image (alpha > 0).
+transparency, opaque pixels are; read as displayed, EXIF orientation applied like the image's)
+or from strokes painted on the image (alpha > 0).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lisa_demo.metrics import mask_dice, mask_iou
 
@@ -67,13 +68,16 @@ def mask_from_array(array: np.ndarray) -> np.ndarray:
 
 
 def read_mask_file(path: str | Path) -> np.ndarray:
-    """HxW bool foreground of a mask image file; GroundTruthError if it is not an image."""
+    """HxW bool foreground of a mask image file as displayed (its EXIF orientation applied,
+    as it is to the image); GroundTruthError if it is not an image."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image.load()
-                array = np.asarray(image if image.mode != "P" else image.convert("RGBA"))
+                oriented = ImageOps.exif_transpose(image)
+                if oriented.mode == "P":
+                    oriented = oriented.convert("RGBA")
+                array = np.asarray(oriented)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise GroundTruthError(
             f"the ground-truth mask {Path(path).name} is not a readable image ({err}); "

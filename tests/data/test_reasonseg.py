@@ -2,8 +2,10 @@
 
 import json
 import logging
+import random
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,7 +16,9 @@ from lisa_demo.data.reasonseg import (
     ReasonSegDataset,
     rasterize_shapes,
     read_records,
+    usable_shapes,
 )
+from lisa_demo.data.synthetic import generate_scene
 
 X = 255
 
@@ -73,23 +77,173 @@ def test_smaller_shapes_painted_later_win_whatever_the_file_order():
     np.testing.assert_array_equal(mask, expected)
 
 
-def test_flag_and_short_polygons_dropped_points_clipped_and_truncated():
+def test_flag_dropped_short_polygons_painted_points_truncated():
     shapes = [
         square("flag", 0, 0, 5, 3),  # would cover everything
-        polygon("target", [[0, 0], [3, 3]]),  # 2 points: dropped
-        polygon("target", [[-3, -3], [10, -3], [10, 1.7], [-3, 1.7]]),  # clipped to rows 0-1
+        polygon("target", [[0, 0], [3.9, 3.2]]),  # 2 points: a line, as the reference paints
+        polygon("target", [[-3, -3], [10, -3], [10, 1.7], [-3, 1.7]]),  # rows 0-1 (1.7 -> 1)
         square("Ignore region", 4.9, 2, 9, 9),  # label containing "ignore"; x 4.9 -> 4
     ]
     expected = np.array(
         [
             [1, 1, 1, 1, 1, 1],
             [1, 1, 1, 1, 1, 1],
-            [0, 0, 0, 0, X, X],
-            [0, 0, 0, 0, X, X],
+            [0, 0, 1, 0, X, X],
+            [0, 0, 0, 1, X, X],
         ],
         dtype=np.uint8,
     )
     np.testing.assert_array_equal(rasterize_shapes(shapes, 4, 6), expected)
+
+
+def test_a_one_point_polygon_paints_its_pixel():
+    mask = rasterize_shapes([polygon("target", [[2.6, 1.2]])], 3, 4)
+    expected = np.zeros((3, 4), np.uint8)
+    expected[1, 2] = 1
+    np.testing.assert_array_equal(mask, expected)
+
+
+# A triangle with its left vertex 2 pixels outside the image: edges of slope +-1 from (-2, 2)
+# to (2, -2) and (2, 6), and x = 2. It covers -x <= y <= x + 4 for x <= 2, so columns 0-2 of a
+# 5 x 5 image whole. Clipping (-2, 2) to (0, 2) would leave only a thin triangle.
+LEFT_TRIANGLE = [[-2, 2], [2, -2], [2, 6]]
+LEFT_EXPECTED = np.array([[1, 1, 1, 0, 0]] * 5, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("side", ["left", "right", "top", "bottom"])
+def test_vertices_outside_the_image_keep_the_polygon_shape(side):
+    # The same triangle mirrored (x -> 4 - x) and/or transposed (x <-> y) onto each side.
+    mirror = side in ("right", "bottom")
+    transpose = side in ("top", "bottom")
+    points = [[4 - x, y] if mirror else [x, y] for x, y in LEFT_TRIANGLE]
+    expected = LEFT_EXPECTED[:, ::-1] if mirror else LEFT_EXPECTED
+    if transpose:
+        points, expected = [[y, x] for x, y in points], expected.T
+    np.testing.assert_array_equal(rasterize_shapes([polygon("target", points)], 5, 5), expected)
+
+
+def test_polygon_crossing_every_border_is_cut_by_the_image():
+    # A diamond |x - 3| + |y - 3| <= 5 on a 7 x 7 image: every vertex is 2 pixels outside,
+    # and only the four corner pixels (|x - 3| + |y - 3| = 6) are left out.
+    diamond = polygon("target", [[3, -2], [8, 3], [3, 8], [-2, 3]])
+    expected = np.ones((7, 7), dtype=np.uint8)
+    expected[[0, 0, 6, 6], [0, 6, 0, 6]] = 0
+    np.testing.assert_array_equal(rasterize_shapes([diamond], 7, 7), expected)
+
+
+def test_polygon_entirely_outside_the_image_paints_nothing():
+    shapes = [
+        square("target", -10, -10, -2, -2),  # above-left: clipping would paint pixel (0, 0)
+        square("target", 5, 0, 9, 3),  # right of a 4-wide image
+        square("ignore", 0, 4.5, 3, 8),  # below a 4-high image
+        polygon("target", [[-5, 8], [-1, 4], [-5, 4]]),  # below-left
+    ]
+    mask = rasterize_shapes(shapes, 4, 4)
+    assert mask.shape == (4, 4) and not mask.any()
+
+
+def test_negative_fractional_points_truncate_toward_zero_not_floor():
+    # x from -5 to -0.5 truncates to -5..0 (column 0 painted); floor would give -5..-1.
+    strip = polygon("target", [[-5, 1], [-0.5, 1], [-0.5, 2.7], [-5, 2.7]])
+    expected = np.zeros((4, 4), dtype=np.uint8)
+    expected[1:3, 0] = 1
+    np.testing.assert_array_equal(rasterize_shapes([strip], 4, 4), expected)
+    # y from -3 to -0.9 truncates to -3..0 (row 0 painted), x 0.4..2.9 to 0..2.
+    strip = polygon("ignore", [[0.4, -3], [2.9, -3], [2.9, -0.9], [0.4, -0.9]])
+    expected = np.zeros((4, 4), dtype=np.uint8)
+    expected[0, :3] = X
+    np.testing.assert_array_equal(rasterize_shapes([strip], 4, 4), expected)
+    # (-1.7, 0.3) -> (-1, 0), (3.9, 4.2) -> (3, 4), (3.2, -0.6) -> (3, 0): the triangle under
+    # y = x + 1. Floor (-2, 0) or clipping (0, 0) would tilt the long edge.
+    triangle = polygon("target", [[-1.7, 0.3], [3.9, 4.2], [3.2, -0.6]])
+    expected = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]], dtype=np.uint8)
+    np.testing.assert_array_equal(rasterize_shapes([triangle], 4, 4), expected)
+
+
+def test_equal_areas_paint_the_later_shape_first():
+    # Two 4 x 4 squares overlapping in columns 2-3: np.argsort([16, 16])[::-1] is [1, 0], so
+    # the second shape is painted first and the first one wins the overlap.
+    left, right = square("target", 0, 0, 3, 3), square("ignore", 2, 0, 5, 3)
+    np.testing.assert_array_equal(
+        rasterize_shapes([left, right], 4, 6), np.array([[1, 1, 1, 1, X, X]] * 4, np.uint8)
+    )
+    left, right = square("ignore", 0, 0, 3, 3), square("target", 2, 0, 5, 3)
+    np.testing.assert_array_equal(
+        rasterize_shapes([right, left], 4, 6), np.array([[X, X, 1, 1, 1, 1]] * 4, np.uint8)
+    )
+
+
+def test_area_counts_only_the_pixels_inside_the_image():
+    # The target spans x -4..3 (32 pixels, 16 inside); the ignore square x 2..5 has 16. Inside
+    # the image the areas are equal, so the first shape (the target) is painted last and wins.
+    shapes = [square("target", -4, 0, 3, 3), square("ignore", 2, 0, 5, 3)]
+    np.testing.assert_array_equal(
+        rasterize_shapes(shapes, 4, 6), np.array([[1, 1, 1, 1, X, X]] * 4, np.uint8)
+    )
+    # A target of 92 pixels with 12 inside (x -20..2) is smaller than the ignore square
+    # x 1..5 (20 pixels), so it is painted after it.
+    shapes = [square("target", -20, 0, 2, 3), square("ignore", 1, 0, 5, 3)]
+    np.testing.assert_array_equal(
+        rasterize_shapes(shapes, 4, 6), np.array([[1, 1, 1, X, X, X]] * 4, np.uint8)
+    )
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_target_inside_ignore_and_ignore_inside_target(reverse):
+    def paint(shapes: list[dict]) -> np.ndarray:
+        return rasterize_shapes(shapes[::-1] if reverse else shapes, 5, 5)
+
+    ring = [[X] * 5, [X, 1, 1, 1, X], [X, 1, 1, 1, X], [X, 1, 1, 1, X], [X] * 5]
+    inside = paint([square("target", 1, 1, 3, 3), square("ignore", 0, 0, 4, 4)])
+    np.testing.assert_array_equal(inside, np.array(ring, np.uint8))
+    ring = [[1] * 5, [1, X, X, X, 1], [1, X, X, X, 1], [1, X, X, X, 1], [1] * 5]
+    inside = paint([square("target", 0, 0, 4, 4), square("ignore", 1, 1, 3, 3)])
+    np.testing.assert_array_equal(inside, np.array(ring, np.uint8))
+
+
+def test_points_beyond_int32_make_the_polygon_unusable():
+    far = square("target", 0, 0, 3e9, 2)
+    assert not rasterize_shapes([far, square("ignore", -1e10, 0, 1, 1)], 3, 3).any()
+    assert usable_shapes([far, TARGET]) == (TARGET,)
+
+
+def clipped_rasterize(shapes: list[dict], height: int, width: int) -> np.ndarray:
+    """The rasterising of commit cd7a26c, before this rule: vertices clipped to the image and
+    floored, areas painted on the bounding box, ties painted in file order."""
+    painted = []
+    for shape in reasonseg.usable_shapes(shapes):
+        points = np.asarray(shape["points"], dtype=np.float64)
+        clipped = np.stack(
+            [np.clip(points[:, 0], 0, width - 1), np.clip(points[:, 1], 0, height - 1)], axis=1
+        )
+        pixels = np.floor(clipped).astype(np.int32)
+        local = pixels - pixels.min(axis=0)
+        canvas = np.zeros(local.max(axis=0)[::-1] + 1, dtype=np.uint8)
+        cv2.polylines(canvas, [local], isClosed=True, color=1, thickness=1)
+        cv2.fillPoly(canvas, [local], color=1)
+        value = X if "ignore" in shape["label"].lower() else 1
+        painted.append((int(canvas.sum()), pixels, value))
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for _, pixels, value in sorted(painted, key=lambda item: -item[0]):
+        cv2.polylines(mask, [pixels], isClosed=True, color=value, thickness=1)
+        cv2.fillPoly(mask, [pixels], color=value)
+    return mask
+
+
+def test_synthetic_scenes_inside_the_image_rasterise_as_before():
+    ignores = several = 0
+    for seed in range(40):
+        image, annotation = generate_scene(random.Random(seed))
+        height, width = image.shape[:2]
+        shapes = annotation["shapes"]
+        points = np.concatenate([np.asarray(shape["points"]) for shape in shapes])
+        assert points.min() >= 0 and (points.max(axis=0) <= (width - 1, height - 1)).all()
+        np.testing.assert_array_equal(
+            rasterize_shapes(shapes, height, width), clipped_rasterize(shapes, height, width)
+        )
+        ignores += any(shape["label"] == "ignore" for shape in shapes)
+        several += len(shapes) > 1
+    assert ignores >= 3 and several >= 5  # the scenes exercise the paint order
 
 
 def test_unknown_labels_are_targets_and_nothing_usable_is_empty():
@@ -147,7 +301,7 @@ def test_each_kind_of_bad_file_is_skipped_counted_and_logged_once(tmp_path, capl
     write_pair(
         tmp_path, "no_target", shapes=[square("flag", 0, 0, 3, 3), square("ignore", 0, 0, 2, 2)]
     )
-    write_pair(tmp_path, "short_poly", shapes=[TARGET, polygon("target", [[0, 0], [1, 1]])])
+    write_pair(tmp_path, "short_poly", shapes=[TARGET, polygon("target", [])])
     write_pair(tmp_path, "empty_text", text=["  "])
     write_pair(tmp_path, "no_text", text=None)
     write_pair(tmp_path, "broken")

@@ -76,6 +76,32 @@ def test_output_reads_back_as_reasonseg_with_nonempty_targets(tmp_path):
             assert np.abs(mean - COLOURS[target["colour"]]).max() < 25
 
 
+def test_annotation_json_rasterises_back_to_the_rendered_target(monkeypatch):
+    # The generator outlines the target's visible pixels; through JSON and LISA's rasterising
+    # they must come back pixel for pixel, with ignore pixels never on the target.
+    from lisa_demo.data import synthetic
+    from lisa_demo.data.reasonseg import rasterize_shapes
+
+    rendered = {}
+    annotate = synthetic._annotate
+
+    def recording_annotate(rng, objects, labels, target_index, *args):
+        rendered["target"] = labels == target_index
+        return annotate(rng, objects, labels, target_index, *args)
+
+    monkeypatch.setattr(synthetic, "_annotate", recording_annotate)
+    with_ignore = 0
+    for seed in range(60):
+        image, annotation = generate_scene(random.Random(seed))
+        height, width = image.shape[:2]
+        shapes = json.loads(json.dumps(annotation))["shapes"]
+        mask = rasterize_shapes(shapes, height, width)
+        np.testing.assert_array_equal(mask == 1, rendered["target"])
+        assert not (rendered["target"] & (mask == 255)).any()
+        with_ignore += (mask == 255).any()
+    assert with_ignore >= 3
+
+
 def test_scene_layout_sizes_and_query_mix(many):
     families, sentences, ignores = set(), 0, 0
     for image, annotation in many:

@@ -207,17 +207,20 @@ def test_empty_or_unusable_dataset_is_refused(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_resume_from_another_base_is_refused(short_run, dataset, tmp_path, capsys):
+def test_resume_from_another_base_is_refused_in_one_clean_line(short_run, dataset, tmp_path):
+    """Refused after the models loaded: still no progress bar, library warning or traceback
+    before the one `error:` line (a process of its own, so that all of stderr is seen)."""
     from lisa_demo.tiny import write_tiny_models
 
     other = write_tiny_models(tmp_path / "other", seed=99)
-    code = train_main(
+    done = run_cli(
         ["--dataset", str(dataset), "--output-dir", str(tmp_path / "o"), *BASE,
          "--llava", str(other / "llava"), "--sam", str(other / "sam"),
          "--max-steps", "1", "--resume", str(short_run)]
     )  # fmt: skip
-    assert code == 2
-    assert "made for" in capsys.readouterr().err
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "made for" in lines[0], lines
 
 
 def test_eval_cli_scores_a_checkpoint_with_the_validation_code(short_run, dataset, capsys):

@@ -46,6 +46,27 @@ def test_ground_truth_file_resized_when_aspect_matches(tmp_path) -> None:
     assert ground_truth(None, None, (10, 10)) is None
 
 
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_ground_truth_file_is_read_in_its_exif_orientation(tmp_path, orientation) -> None:
+    # The image is decoded with its EXIF orientation applied; a mask file carrying the same
+    # tag must line up with it. Displayed (3 high x 4 wide), the mask is the top-left pixel
+    # and the one right of it. Orientation 3 stores it turned 180 degrees (bottom-right);
+    # 6 stores it turned 90 degrees anticlockwise (4 high x 3 wide, displayed[y, x] =
+    # stored[3 - x, y]): rows 2-3 of column 0.
+    displayed = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=bool)
+    stored = np.zeros((3, 4) if orientation == 3 else (4, 3), dtype=np.uint8)
+    if orientation == 3:
+        stored[2, 2:4] = 255
+    else:
+        stored[2:4, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "m.png", exif=exif)
+    gt = ground_truth(tmp_path / "m.png", None, (3, 4))
+    assert gt.note is None
+    np.testing.assert_array_equal(gt.mask, displayed.astype(np.uint8))
+
+
 def test_drawn_mask_is_alpha_of_the_layers() -> None:
     layer = np.zeros((4, 4, 4), dtype=np.uint8)
     assert drawn_mask({"background": None, "layers": [layer], "composite": None}) is None

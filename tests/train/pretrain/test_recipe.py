@@ -215,11 +215,14 @@ def test_save_warmed_then_init_from_starts_a_fresh_loop_on_the_warmed_weights(sc
         (["--save-warmed"], "add --vision-warmup-minutes"),
         (["--sam-warmup-minutes", "1", "--embedding-cache-dir", "C"], "drop --embedding-cache-dir"),
         (["--init-from", "NOWHERE"], "no checkpoint there"),
+        (["--init-from", "MISSING"], "does not exist"),
     ],
 )
 def test_init_from_and_save_warmed_refuse_what_cannot_work(scenes, tmp_path, capsys, flags,
                                                            message):  # fmt: skip
-    flags = [str(tmp_path / f) if f in ("X", "NOWHERE", "C") else f for f in flags]
+    for folder in ("X", "NOWHERE"):  # folders without a checkpoint
+        (tmp_path / folder).mkdir()
+    flags = [str(tmp_path / f) if f in ("X", "NOWHERE", "C", "MISSING") else f for f in flags]
     code = train_main(["--dataset", str(scenes), "--output-dir", str(tmp_path / "r"), *BASE,
                        "--train-all", "--max-steps", "1", *flags])  # fmt: skip
     assert code != 0
