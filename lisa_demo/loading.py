@@ -378,8 +378,6 @@ def apply_lora(llava, cfg: ModelConfig, token_ids: list[int]):
     `token_ids` ([SEG] and the config's train_tokens) in embed_tokens and lm_head."""
     from peft import LoraConfig, get_peft_model
 
-    from lisa_demo.cpu_speed import use_cpu_dropout
-
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -388,9 +386,7 @@ def apply_lora(llava, cfg: ModelConfig, token_ids: list[int]):
         trainable_token_indices={"embed_tokens": token_ids, "lm_head": token_ids},
         bias="none",
     )
-    model = get_peft_model(llava, lora)
-    use_cpu_dropout(model)  # same masks' law, a third of the time on a CPU (cpu_speed)
-    return model
+    return get_peft_model(llava, lora)
 
 
 def set_trainable(model: LisaModel, cfg: ModelConfig, for_training: bool) -> None:

@@ -28,7 +28,6 @@ from torch import nn
 from lisa_demo.atomic import complete_folder, recover_interrupted_writes
 from lisa_demo.checkpoint import WEIGHTS, save_checkpoint
 from lisa_demo.config import ConfigError
-from lisa_demo.cpu_speed import adamw_options
 from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
 from lisa_demo.loading import LoadedLisa, load_lisa, save_full_model
 from lisa_demo.model import LisaModel
@@ -105,7 +104,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
                 "--optimizer paged_adamw_8bit needs bitsandbytes: pip install bitsandbytes"
             ) from err
         return bnb.optim.PagedAdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs, **adamw_options(params))
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def peak_memory_mb(device: torch.device) -> float:

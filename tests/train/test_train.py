@@ -323,3 +323,24 @@ def test_schedule_by_time_follows_whichever_is_further_along():
     # The warm-up and a constant schedule do not follow the clock.
     assert lr_at(4, 110, 10, "cosine", 1.0, time_spent=0.9) == pytest.approx(0.5)
     assert lr_at(60, 110, 10, "constant", 1.0, time_spent=0.9) == 1.0
+
+
+def test_resume_keeps_this_process_optimizer_implementation(tmp_path):
+    """Checkpoints saved with a fused AdamW (as CPU runs before 2026-12-04 did) resume on the
+    default one: hyperparameters and moments from the file, the implementation from here."""
+    import torch
+
+    from lisa_demo.train.state import load_optimizer, save_optimizer
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    fused = torch.optim.AdamW(params, lr=0.5, fused=True)
+    params[0].grad = torch.ones(3)
+    fused.step()
+    save_optimizer(fused, tmp_path)
+    plain = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    load_optimizer(plain, tmp_path)
+    group = plain.param_groups[0]
+    assert group["lr"] == 0.5  # the checkpoint's hyperparameters
+    assert not group["fused"]  # this optimizer's implementation
+    state = next(iter(plain.state.values()))
+    assert torch.equal(state["exp_avg"], next(iter(fused.state.values()))["exp_avg"])

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lisa_demo.cpu_speed import adamw_options
 from lisa_demo.data.reasonseg import Sample
 from lisa_demo.data.synthetic import COLOURS, SHAPE_KINDS, SIZES, object_classes
 from lisa_demo.losses import dice_per_mask, sigmoid_bce_per_mask
@@ -125,9 +124,7 @@ def _run_stage(
     log_every: int = 50,
 ) -> dict:
     """A wall-clock-budgeted AdamW loop (linear warm-up, cosine decay over the budget)."""
-    optimizer = torch.optim.AdamW(
-        params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0, **adamw_options(params)
-    )
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(f"warmup/{name}/{seed}")
     samples = list(samples)
     budget = minutes * 60.0
