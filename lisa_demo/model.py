@@ -173,11 +173,13 @@ class LisaModel(nn.Module):
 
     # SAM side ---------------------------------------------------------------------------
     def encode_images(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
-        """SAM image embeddings [B, C, h, w] from padded pixels [B, 3, S, S]."""
+        """SAM image embeddings [B, C, h, w] from padded pixels [B, 3, S, S], on the pixels'
+        device (the encoder runs where its weights are: on the CPU once offloaded)."""
         encoder = self.sam.vision_encoder
-        dtype = next(encoder.parameters()).dtype
+        weight = next(encoder.parameters())
         with torch.set_grad_enabled(self.train_sam_encoder and torch.is_grad_enabled()):
-            return encoder(sam_pixel_values.to(dtype)).last_hidden_state
+            pixels = sam_pixel_values.to(weight.device, weight.dtype)
+            return encoder(pixels).last_hidden_state.to(sam_pixel_values.device)
 
     def decode_masks(
         self,

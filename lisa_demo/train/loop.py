@@ -373,6 +373,18 @@ def _run(
 
     if warmed and cfg.save_warmed:  # every weight, before any LISA-loop step (--init-from)
         save("warmed", None)
+    if cfg.model.offload_sam_encoder and cache is not None and world == 1:
+        # Every image encoded now (the work of the first epoch's cache misses, done earlier),
+        # then SAM's image encoder leaves the GPU. One process only: DDP keeps its module's
+        # buffers on one device.
+        from lisa_demo.memory_savings import offload
+
+        train_images = [train_set[i] for i in range(n_train)]
+        encoded = encode_every_image(core, batcher, train_images + val_samples, cache, device,
+                                     cfg.batch_size)  # fmt: skip
+        offload(core.sam.vision_encoder)
+        events.emit("sam_encoder_offloaded", images_encoded=encoded,
+                    memory_mb=round(peak_memory_mb(device), 1))  # fmt: skip
 
     status = "finished"
     last_metrics: dict | None = None
@@ -477,6 +489,27 @@ def _run(
                 best_metric=progress.best_metric,
                 peak_memory_mb=round(peak_memory_mb(device), 1))  # fmt: skip
     return status
+
+
+def encode_every_image(
+    model, batcher: SampleBatcher, samples: list[Sample], cache: EmbeddingCache, device,
+    batch_size: int,
+) -> int:  # fmt: skip
+    """Put the SAM embedding of every image of `samples` into `cache` (once per image);
+    returns how many were encoded."""
+    from lisa_demo.memory_savings import encode_all
+
+    images = {}
+    for sample in samples:
+        encoded = batcher.images.get(sample).encoded
+        images.setdefault(encoded.key, encoded.sam_pixel_values)
+    keys = list(images)
+    batches = (
+        {"image_keys": keys[i : i + batch_size],
+         "sam_pixel_values": torch.stack([images[k] for k in keys[i : i + batch_size]])}
+        for i in range(0, len(keys), batch_size)
+    )  # fmt: skip
+    return encode_all(batches, cache, model.encode_images, device)
 
 
 def _saved_at(cfg: TrainConfig, step: int) -> bool:

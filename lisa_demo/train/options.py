@@ -257,6 +257,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(p, "train-all", action="store_true", help="pretraining: every weight trains")
     _add(p, "gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    _add(
+        p,
+        "lean-token-rows",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train the [SEG] rows without peft's merged copies of embed_tokens and lm_head "
+        "(same values, less GPU memory; default: the preset's, on for the 7B presets)",
+    )
+    _add(
+        p,
+        "vision-quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="hold CLIP's frozen vision tower in 8-bit or 4-bit (default: the preset's, 8bit "
+        "for the 7B presets)",
+    )
+    _add(
+        p,
+        "offload-sam-encoder",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="encode every image first, then move SAM's image encoder off the GPU (default: "
+        "the preset's, on for the 7B presets; needs the embedding cache)",
+    )
     _add(p, "epochs", type=int, default=1)
     _add(p, "max-steps", type=int, default=0)
     _add(p, "max-minutes", type=float, default=0.0)
@@ -350,6 +374,9 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         "lora_alpha",
         "lora_dropout",
         "gradient_checkpointing",
+        "lean_token_rows",
+        "vision_quantization",
+        "offload_sam_encoder",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -365,6 +392,10 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         changes["train_projector"] = True
     if args.train_all:
         changes.update(train_all=True, use_lora=False, quantization="none")
+        # The presets' memory savings freeze the encoders; asked for explicitly, they are an
+        # error (ModelConfig says so).
+        changes.setdefault("vision_quantization", "none")
+        changes.setdefault("offload_sam_encoder", False)
     elif "use_lora" not in changes:
         changes["use_lora"] = True  # fine-tuning default: LoRA on the language model
     changes["losses"] = LossWeights(

@@ -12,6 +12,7 @@ import pandas as pd
 
 from lisa_demo.config import (
     BUNDLED_MODEL_DIR,
+    CONVERTED_PRESETS,
     PRECISIONS,
     PRESETS,
     QUANTIZATIONS,
@@ -79,7 +80,11 @@ class TrainingTab:
 def training_model_choices(settings: AppSettings) -> list[tuple[str, str]]:
     """(label, value) of every model the tab fine-tunes: the presets (the bundled model is
     "tiny"), then the full models of the models folder and the configured one."""
-    presets = [(BUNDLED_LABEL if name == DEFAULT_PRESET else name, name) for name in PRESETS]
+    presets = [
+        (BUNDLED_LABEL if name == DEFAULT_PRESET else name, name)
+        for name in PRESETS
+        if name not in CONVERTED_PRESETS
+    ]  # listed as full models once converted
     full_models, _ = known_full_models(settings)
     return presets + [(full.label, full.key) for full in full_models]
 

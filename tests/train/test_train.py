@@ -112,6 +112,32 @@ def test_embedding_cache_is_hit_in_the_second_epoch(dataset, tmp_path):
     assert second["hits"] > first["hits"]
 
 
+def test_offloaded_sam_encoder_run_trains_to_the_same_losses(tiny_loaded, dataset, tmp_path):
+    """--offload-sam-encoder: every train and validation image is encoded before the first
+    step, then the encoder leaves the GPU (a no-op move here); losses and scores are those of
+    the same run without it. (tiny_loaded first: building the tiny model in the process would
+    move the random state of the first run only.)"""
+    runs = {}
+    for name, extra in (("plain", []), ("offloaded", ["--offload-sam-encoder"])):
+        out = tmp_path / name
+        args = ["--dataset", str(dataset), "--output-dir", str(out), *BASE, "--max-steps", "3",
+                "--eval-every", "2", "--learning-rate", "1e-3", *extra]  # fmt: skip
+        assert train_main(args) == 0
+        runs[name] = read_events(out)
+    events, reference = runs["offloaded"], runs["plain"]
+    (offloaded,) = of(events, "sam_encoder_offloaded")
+    assert offloaded["images_encoded"] == 6 + 3  # the dataset's train and val images
+    assert not of(reference, "sam_encoder_offloaded")
+    logs, expected = of(events, "log"), of(reference, "log")
+    assert [e["step"] for e in logs] == [e["step"] for e in expected] == [1, 2, 3]
+    np.testing.assert_allclose([e["loss"] for e in logs], [e["loss"] for e in expected],
+                               rtol=1e-5)  # fmt: skip
+    assert all(e["embedding_cache"]["misses"] == 9 for e in logs)  # nothing left to encode
+    assert expected[0]["embedding_cache"]["misses"] < 9  # without: encoded as they come
+    for ours, theirs in zip(of(events, "eval"), of(reference, "eval"), strict=True):
+        assert ours["giou"] == pytest.approx(theirs["giou"], abs=1e-6)
+
+
 def test_sigterm_saves_last_and_resume_continues_the_step_counter(dataset, tmp_path):
     run = tmp_path / "run"
     args = ["--dataset", str(dataset), "--output-dir", str(run), *BASE, "--max-steps", "400",
