@@ -517,7 +517,6 @@ def measure_training(cfg: ModelConfig, device, batch_size: int, steps: int, repe
     """
     import torch
 
-    from lisa_demo import cpu_speed
     from lisa_demo.loading import load_lisa
     from lisa_demo.memory_savings import encode_all, offload
     from lisa_demo.train.data import EmbeddingCache
@@ -528,9 +527,7 @@ def measure_training(cfg: ModelConfig, device, batch_size: int, steps: int, repe
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # fp32 master weights, as in the loop
         p.data = p.data.float()
-    optimizer = torch.optim.AdamW(
-        params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, **cpu_speed.adamw_options(params)
-    )
+    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg.precision)
     with tempfile.TemporaryDirectory() as tmp:
         batches = training_batches(loaded, Path(tmp), batch_size, steps)
@@ -580,8 +577,6 @@ def measure_training(cfg: ModelConfig, device, batch_size: int, steps: int, repe
         "lora_r": train_cfg.lora_r,
         "lora_targets": list(train_cfg.lora_targets),
         "lora_dropout": train_cfg.lora_dropout,
-        # CpuDropout and fused AdamW (CPU only; LISA_CPU_SPEEDUPS=0 measures without them)
-        "cpu_speedups": cpu_speed.enabled() and device.type == "cpu",
         "gradient_checkpointing": train_cfg.gradient_checkpointing,
         **savings,
         "cached_samples_per_s": median(with_cache),

@@ -23,7 +23,8 @@ from lisa_demo.atomic import complete_folder, write_atomically
 
 MANIFEST = "manifest.json"
 WEIGHTS = "trainable.safetensors"
-# LisaModel's training-only modules (seg_word_head, target_head, description_prompts).
+# Training-only modules the pretraining recipe attaches to a LisaModel
+# (lisa_demo.train.pretrain): saved for resuming, skipped by a model built without them.
 TRAINING_ONLY_PREFIX = ("seg_word_head.", "target_head.", "description_prompts.")
 FORMAT = "lisa-studio-checkpoint"
 

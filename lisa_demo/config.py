@@ -51,35 +51,24 @@ class ConfigError(ValueError):
 
 @dataclass
 class LossWeights:
-    """Weights of LISA's three loss terms (paper defaults)."""
+    """Weights of LISA's three loss terms (paper defaults) and of the optional IoU-head term."""
 
     ce: float = 1.0  # text cross-entropy on the answer tokens
     bce: float = 2.0  # per-pixel sigmoid BCE, mean over pixels then masks
     dice: float = 0.5  # Dice per mask, mean over masks
     iou: float = 0.0  # not in LISA: MSE teaching SAM's IoU head to predict the true IoU
-    # Not in LISA, for training from scratch: a training-only linear head reads each mask
-    # query state and predicts the words of the answer after its [SEG] (the explanation).
-    seg_words: float = 0.0
-    # Not in LISA, for training from scratch (SAM itself learned from clicks first): SAM also
-    # segments each target from a click inside it (mask loss, BCE + Dice, times `point`), and
-    # each [SEG] prompt is pulled towards that click's prompt embedding (MSE, times `prompt`).
-    point: float = 0.0
-    prompt: float = 0.0
-    # Not in LISA, for training from scratch on synthetic scenes (lisa_demo.train.warmup):
-    # each mask query state predicts its target's kind, colour, size and region (a
-    # training-only head, cross-entropy), and its prompt is pulled (MSE) towards the
-    # description prompt that SAM learned to segment in the SAM warm-up.
-    target: float = 0.0
-    # Not in LISA, for training from scratch: one attention head of the language model's last
-    # layer, at each mask query position, is taught to attend to its target's image patches
-    # (cross-entropy against the share of each patch the target covers). No extra weights.
-    pointing: float = 0.0
 
     def __post_init__(self) -> None:
-        names = ("ce", "bce", "dice", "iou", "seg_words", "point", "prompt", "target", "pointing")
-        for name in names:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"loss weight {name} must be >= 0, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 0:
+                raise ConfigError(f"loss weight {f.name} must be >= 0, got {getattr(self, f.name)}")
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> LossWeights:
+        """From recorded fields (a run's config or a manifest); terms it does not have, such as
+        a pretraining recipe's, are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in fields.items() if k in known})
 
 
 @dataclass

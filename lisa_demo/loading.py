@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -397,8 +398,6 @@ def apply_lora(llava, cfg: ModelConfig, token_ids: list[int]):
     `token_ids` ([SEG] and the config's train_tokens) in embed_tokens and lm_head."""
     from peft import LoraConfig, get_peft_model
 
-    from lisa_demo.cpu_speed import use_cpu_dropout
-
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -408,7 +407,6 @@ def apply_lora(llava, cfg: ModelConfig, token_ids: list[int]):
         bias="none",
     )
     model = get_peft_model(llava, lora)
-    use_cpu_dropout(model)  # same masks' law, a third of the time on a CPU (cpu_speed)
     if cfg.lean_token_rows:
         from lisa_demo.memory_savings import use_lean_token_rows
 
@@ -433,9 +431,6 @@ def set_trainable(model: LisaModel, cfg: ModelConfig, for_training: bool) -> Non
         if cfg.train_projector:
             model.base_llava.model.multi_modal_projector.requires_grad_(True)
     model.text_hidden_fcs.requires_grad_(True)
-    for head in (model.seg_word_head, model.target_head, model.description_prompts):
-        if head is not None:  # training-only heads (--seg-word-weight, --target-weight)
-            head.requires_grad_(True)
     model.train()
 
 
@@ -468,8 +463,13 @@ def load_lisa(
     checkpoint: str | Path | None = None,
     device: str | torch.device | None = None,
     for_training: bool = False,
+    attach: Callable[[LisaModel], None] | None = None,
 ) -> LoadedLisa:
-    """Build the LISA model described by `cfg`, optionally with a fine-tuned checkpoint."""
+    """Build the LISA model described by `cfg`, optionally with a fine-tuned checkpoint.
+
+    `attach(model)` may add training-only modules (a training recipe's heads) before the
+    checkpoint's weights load, so that they are restored with the rest; they train.
+    """
     device = pick_device(device)
     if checkpoint is not None:  # once: the manifest and the weights come from one folder
         checkpoint = ckpt.resolve_checkpoint(checkpoint)
@@ -510,6 +510,8 @@ def load_lisa(
         device=device, dtype=torch.float32 if dtype == torch.float16 else dtype
     )
     _load_projection(model, None if cfg.random_weights else cfg.heads)
+    if attach is not None:
+        attach(model)
     set_trainable(model, cfg, for_training=True)  # names of trainable tensors define the format
     loaded = LoadedLisa(model, processor, sam_processor, cfg, device, base)
     if manifest is not None:

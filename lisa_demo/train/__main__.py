@@ -42,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from lisa_demo.loading import quiet_library_output
         from lisa_demo.train.loop import train
+        from lisa_demo.train.pretrain.recipe import recipe_for
 
         quiet_library_output()  # a refusal after loading is one line, as before it
-        status = train(cfg)  # records its own failures in events.jsonl
+        status = train(cfg, recipe_for(cfg.pretrain, cfg.seed))  # records its own failures
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -2,6 +2,10 @@
 
 python -m lisa_demo.train --synthetic 64 --output-dir runs/demo --max-steps 50
 accelerate launch -m lisa_demo.train --dataset data/reasonseg --preset llava-1.5-7b ...
+
+The loop trains LISA. A training recipe may add to it through `Recipe` (the bundled tiny
+model's from-scratch recipe, lisa_demo.train.pretrain, is one); the loop knows nothing else
+about it.
 """
 
 from __future__ import annotations
@@ -13,18 +17,21 @@ import resource
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from lisa_demo.atomic import complete_folder, recover_interrupted_writes
 from lisa_demo.checkpoint import WEIGHTS, save_checkpoint
 from lisa_demo.config import ConfigError
-from lisa_demo.cpu_speed import adamw_options
 from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
 from lisa_demo.loading import LoadedLisa, load_lisa, save_full_model
-from lisa_demo.train.data import EmbeddingCache, SampleBatcher, file_identity, training_inputs
+from lisa_demo.model import LisaModel
+from lisa_demo.train.data import EmbeddingCache, SampleBatcher, training_inputs
 from lisa_demo.train.evaluate import evaluate_samples, seg_rate
 from lisa_demo.train.events import EventLog, load_history
 from lisa_demo.train.options import TrainConfig
@@ -34,6 +41,25 @@ from lisa_demo.train.state import (
     save_optimizer,
     save_trainer_state,
 )
+
+
+class Recipe(Protocol):
+    """What a training recipe adds to LISA's loop; each method is called at one point."""
+
+    def attach(self, model: LisaModel) -> None:
+        """Add training-only modules to the model, before a checkpoint's weights load."""
+
+    def before_loop(
+        self, model: LisaModel, batcher: SampleBatcher, train_set: ReasonSegDataset,
+        n_train: int, world: int, emit: Callable[..., None], should_stop: Callable[[], bool],
+    ) -> bool:  # fmt: skip
+        """Stages before the loop's first step (a fresh run only); True when they ran."""
+
+    def batch_inputs(self, samples: list[Sample], batch: dict) -> dict:
+        """Extra forward arguments for one training batch."""
+
+    def wrap(self, model: LisaModel) -> nn.Module:
+        """The module the loop trains: LISA's forward and loss plus the recipe's terms."""
 
 
 def lr_at(
@@ -78,7 +104,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
                 "--optimizer paged_adamw_8bit needs bitsandbytes: pip install bitsandbytes"
             ) from err
         return bnb.optim.PagedAdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs, **adamw_options(params))
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -215,7 +241,7 @@ def remove_leftovers(output_dir: Path) -> None:
 
 
 # The loop --------------------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> str:
+def train(cfg: TrainConfig, recipe: Recipe | None = None) -> str:
     """Run training; returns the end status ("finished" or "stopped"). Raises on failure."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
@@ -236,7 +262,7 @@ def train(cfg: TrainConfig) -> str:
                            else cfg.output_dir) if resume else []  # fmt: skip
     events = EventLog(cfg.output_dir, enabled=accelerator.is_main_process, history=history)
     try:
-        return _run(cfg, accelerator, events, stop, resume)
+        return _run(cfg, accelerator, events, stop, resume, recipe)
     except BaseException as err:
         events.emit("end", status="failed", error=f"{type(err).__name__}: {err}")
         raise
@@ -244,7 +270,10 @@ def train(cfg: TrainConfig) -> str:
         events.close()
 
 
-def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, resume) -> str:
+def _run(
+    cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, resume,
+    recipe: Recipe | None,
+) -> str:  # fmt: skip
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = accelerator.device
@@ -257,23 +286,22 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
     val_samples: list[Sample] = [val_set[i] for i in range(len(val_set))]
     val_samples = val_samples[: cfg.max_val_samples or None]
     init = init_folder(cfg.init_from) if cfg.init_from is not None else None
-    loaded = load_lisa(cfg.model, checkpoint=resume or init, device=device, for_training=True)
-    model = loaded.model
-    warm_up = resume is None and bool(cfg.vision_warmup_minutes or cfg.sam_warmup_minutes)
-    if warm_up and world > 1:
-        raise ConfigError("the encoder warm-ups run in one process: drop accelerate launch")
-    params = [p for p in model.parameters() if p.requires_grad]
+    loaded = load_lisa(cfg.model, checkpoint=resume or init, device=device, for_training=True,
+                       attach=recipe.attach if recipe else None)  # fmt: skip
+    core = loaded.model
+    params = [p for p in core.parameters() if p.requires_grad]
     if cfg.freeze_encoders:
         # The encoders keep requires_grad (checkpoints of a --train-all run hold every
         # weight) but leave the optimizer; their outputs come from the caches below.
-        frozen = {id(p) for p in _encoder_parameters(model)}
+        frozen = {id(p) for p in _encoder_parameters(core)}
         params = [p for p in params if id(p) not in frozen]
-        model.train_sam_encoder = False
+        core.train_sam_encoder = False
     for p in params:  # master weights in fp32; autocast does the low-precision math
         p.data = p.data.float()
     optimizer = build_optimizer(params, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core = accelerator.unwrap_model(model)
+    # `model` is what trains (the recipe's wrapper, if any); `core` the LisaModel inside it,
+    # whose weights are saved, evaluated and exported.
+    model, optimizer = accelerator.prepare(recipe.wrap(core) if recipe else core, optimizer)
     batcher = SampleBatcher(
         loaded.processor,
         loaded.sam_processor,
@@ -292,9 +320,6 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         if cfg.freeze_encoders or not _vision_trains(core):
             feature_cache = EmbeddingCache(f"{llava_id}/vision", disk_dir=cfg.embedding_cache_dir)
 
-    weights = cfg.model.losses
-    clicks = bool(weights.point or weights.prompt)
-    targets = bool(weights.target)
     per_epoch = max(1, (n_train // world) // cfg.batch_size // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
     epochs = cfg.epochs if not cfg.max_steps else math.ceil(cfg.max_steps / per_epoch)
@@ -323,9 +348,11 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         resumed_from=str(resume) if resume else None, start_step=progress.step,
         initialized_from=str(init) if init else None,
     )  # fmt: skip
-    if warm_up:  # pretraining only: the encoders' own stages, before the LISA loop
-        _warm_up(cfg, core, batcher, warmup_samples(train_set, n_train, cfg.warmup_images),
-                 events, stop)  # fmt: skip
+    warmed = (
+        resume is None
+        and recipe is not None
+        and recipe.before_loop(core, batcher, train_set, n_train, world, events.emit, stop.local)
+    )
 
     def evaluate_now() -> dict:
         acc, _ = evaluate_samples(core, batcher, val_samples, cfg.batch_size, device, cache,
@@ -344,7 +371,7 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
                         metric=(metrics or {}).get(cfg.select_metric))  # fmt: skip
         accelerator.wait_for_everyone()
 
-    if warm_up and cfg.save_warmed:  # every weight, before any LISA-loop step (--init-from)
+    if warmed and cfg.save_warmed:  # every weight, before any LISA-loop step (--init-from)
         save("warmed", None)
     if cfg.model.offload_sam_encoder and cache is not None and world == 1:
         # Every image encoded now (the work of the first epoch's cache misses, done earlier),
@@ -377,8 +404,9 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
             samples = [train_set[i] for i in batch_indices]
             batch = batcher(samples, training=True, epoch=progress.epoch, indices=batch_indices)
             inputs = training_inputs(batch, device, cache, core.encode_images, feature_cache,
-                                     core.encode_image_features, clicks=clicks,
-                                     targets=targets)  # fmt: skip
+                                     core.encode_image_features)  # fmt: skip
+            if recipe is not None:
+                inputs.update(recipe.batch_inputs(samples, batch))
             micro += 1
             sync = micro % cfg.grad_accum == 0 or index == len(batches) - 1
             with accelerator.autocast():
@@ -413,12 +441,7 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
                 per_step = (time.monotonic() - run_start) / max(1, progress.step - start_step)
                 events.emit(
                     "log", step=progress.step, epoch=progress.epoch,
-                    loss=float(out.loss.detach()), ce_loss=_num(out.ce_loss),
-                    bce_loss=_num(out.bce_loss), dice_loss=_num(out.dice_loss),
-                    iou_loss=_num(out.iou_loss), seg_word_loss=_num(out.seg_word_loss),
-                    point_loss=_num(out.point_loss), prompt_loss=_num(out.prompt_loss),
-                    target_loss=_num(out.target_loss),
-                    pointing_loss=_num(out.pointing_loss), lr=lr,
+                    loss=float(out.loss.detach()), **_loss_terms(out), lr=lr,
                     samples_per_sec=window_samples / max(elapsed, 1e-9),
                     memory_mb=round(peak_memory_mb(device), 1), total_steps=total_steps,
                     eta_seconds=round(per_step * (total_steps - progress.step), 1),
@@ -502,46 +525,16 @@ def _num(value) -> float | None:
     return None if value is None else float(value.detach())
 
 
+def _loss_terms(out) -> dict[str, float | None]:
+    """Every `*_loss` term of a forward's output (LISA's, plus a recipe's)."""
+    return {f.name: _num(getattr(out, f.name)) for f in fields(out) if f.name.endswith("_loss")}
+
+
 def _encoder_parameters(model) -> list[torch.nn.Parameter]:
     """CLIP's tower and projector and SAM's image encoder (what --freeze-encoders keeps)."""
     llava = model.base_llava.model
     parts = (llava.vision_tower, llava.multi_modal_projector, model.sam.vision_encoder)
     return [p for part in parts for p in part.parameters()]
-
-
-def warmup_samples(train_set, n_train: int, images: int = 0) -> list[Sample]:
-    """The training samples of the first `images` distinct images (all when 0; hard links to
-    one image file count once)."""
-    samples = [train_set[i] for i in range(n_train)]
-    if not images:
-        return samples
-    kept: set = set()
-    chosen = []
-    for sample in samples:
-        image = file_identity(Path(sample.record.image_path))
-        if image not in kept and len(kept) >= images:
-            continue
-        kept.add(image)
-        chosen.append(sample)
-    return chosen
-
-
-def _warm_up(cfg: TrainConfig, model, batcher: SampleBatcher, samples, events: EventLog,
-             stop: StopRequest) -> None:  # fmt: skip
-    """The pretraining-only encoder stages (lisa_demo.train.warmup), before the LISA loop.
-    They share the loop's batcher, so each image is decoded and preprocessed once."""
-    from lisa_demo.train import warmup
-
-    model.train()
-    if cfg.vision_warmup_minutes:
-        warmup.warm_up_vision(model, batcher, samples, cfg.vision_warmup_minutes,
-                              learning_rate=cfg.vision_warmup_lr, seed=cfg.seed,
-                              emit=events.emit, should_stop=stop.local)  # fmt: skip
-    if cfg.sam_warmup_minutes:
-        warmup.warm_up_sam(model, batcher, samples, cfg.sam_warmup_minutes,
-                           learning_rate=cfg.sam_warmup_lr, seed=cfg.seed,
-                           bce_weight=cfg.model.losses.bce, dice_weight=cfg.model.losses.dice,
-                           emit=events.emit, should_stop=stop.local)  # fmt: skip
 
 
 def _vision_trains(model) -> bool:

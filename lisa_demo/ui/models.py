@@ -318,7 +318,7 @@ def config_from_fields(fields: dict) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     values = {k: v for k, v in fields.items() if k in known}
     if isinstance(values.get("losses"), dict):
-        values["losses"] = LossWeights(**values["losses"])
+        values["losses"] = LossWeights.from_fields(values["losses"])
     return ModelConfig(**values)
 
 

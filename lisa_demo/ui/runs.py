@@ -92,7 +92,7 @@ class TrainRequest:
     quantization: str = PRESET_DEFAULT
     eval_every: int = 0
     explained_answers: bool = False  # synthetic answers go on to describe the target
-    pointing_weight: float = 0.0  # the pointing loss (0 = off); see lisa_demo.model
+    pointing_weight: float = 0.0  # the pointing loss (0 = off); see lisa_demo.train.pretrain
     train_projector: bool = False  # LLaVA's multimodal projector trains too
     lora_dropout: float = ModelConfig.lora_dropout  # on each LoRA layer's input (peft)
 

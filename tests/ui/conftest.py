@@ -121,7 +121,7 @@ def no_run_after() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def converted_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models folder (LISA_MODELS_DIR) holding one full model, tiny-lisa-v1: the tiny random
-    LISA in LISA's checkpoint layout, converted in fp32 (about 15 s, once per session).
+    LISA in LISA's checkpoint layout, converted in fp32 (about 15 s, once per pytest run).
 
     Random weights rarely say [SEG], so its LM-head row becomes 1.3 x the row of the token the
     model says most to the example question: answers then hold [SEG] tokens (nothing but, up
