@@ -78,7 +78,7 @@ def test_converted_folder_is_a_full_model_with_lisas_prompt(converted):
     assert cfg.prompt_format == "llava_v1" and cfg.heads == str(converted.resolve())
     sam = json.loads((converted / "sam" / "config.json").read_text())
     assert sam["mask_decoder_config"]["layer_norm_eps"] == 1e-5
-    assert sam["vision_config"]["global_attn_indexes"] == [1]
+    assert sam["vision_config"]["global_attn_indexes"] == [1, 3]
 
 
 def test_prompt_ids_equal_lisas(pipeline, lisa_source):
