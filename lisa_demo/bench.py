@@ -916,6 +916,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if check_cli_paths(("--model", args.model, MODEL)):
         return 2
+    from lisa_demo.loading import quiet_library_output
+
+    quiet_library_output()
     notes: list[str] = []
     try:
         cfg = model_config(args, notes)

@@ -315,14 +315,32 @@ PRESETS: dict[str, object] = {
 }
 
 
+def checkpoint_base_model(checkpoint: str | Path | None) -> Path | None:
+    """The full-model folder a fine-tuned checkpoint was trained on, when its manifest names
+    one that is still there (its LLaVA is that folder's llava/), else None."""
+    if checkpoint is None:
+        return None
+    try:
+        manifest = json.loads((Path(checkpoint) / "manifest.json").read_text())
+        folder = Path(manifest["llava"]["source"]).parent
+        read_full_model_manifest(folder)
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        return None
+    return folder
+
+
 def base_model_config(
     preset_name: str | None,
     model_dir: str | Path | None = None,
     llava: str | None = None,
     sam: str | None = None,
+    checkpoint: str | Path | None = None,
 ) -> ModelConfig:
     """What a CLI's model options name: `--model DIR` (a full-model folder), else the preset
-    (default "tiny", the bundled model). `--model` excludes `--preset`, `--llava` and `--sam`."""
+    (default "tiny", the bundled model). `--model` excludes `--preset`, `--llava` and `--sam`.
+    With none of them, a `checkpoint` trained on a full-model folder loads on that folder."""
+    if model_dir is None and preset_name is None and not (llava or sam):
+        model_dir = checkpoint_base_model(checkpoint)
     if model_dir is None:
         return preset(preset_name or "tiny")
     if preset_name is not None or llava or sam:

@@ -216,7 +216,7 @@ def score_model_cli(args: argparse.Namespace) -> int:
         queries = "all" if args.all_queries else "first"
         dataset = ReasonSegDataset(args.dataset, queries=queries)
         print(dataset.report.summary(), file=sys.stderr)
-        cfg = base_model_config(args.preset, args.model, args.llava, args.sam)
+        cfg = base_model_config(args.preset, args.model, args.llava, args.sam, args.checkpoint)
         overrides = {k: getattr(args, k) for k in ("quantization", "precision") if getattr(args, k)}
         if args.llava or args.sam:
             overrides.update(llava=args.llava or cfg.llava, sam=args.sam or cfg.sam)

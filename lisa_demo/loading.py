@@ -566,8 +566,10 @@ def quiet_library_output() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # Deprecation notices of the libraries (some are attributed to the caller's line, so the
+    # module filter alone misses them): nothing a user of a command can act on.
+    warnings.simplefilter("ignore", FutureWarning)
     for library in ("transformers", "peft", "accelerate", "huggingface_hub"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=library)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=library)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 

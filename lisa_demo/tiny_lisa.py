@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         print(f"error: {args.out} exists and is not an empty folder", file=sys.stderr)
         return 2
+    from lisa_demo.loading import quiet_library_output
+
+    quiet_library_output()
     try:
         write_tiny_lisa(args.out, args.layout, args.shards, args.seed)
     except ImportError as err:

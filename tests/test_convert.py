@@ -276,6 +276,10 @@ def test_fine_tune_from_a_converted_lisa_continues_from_its_weights(converted, t
     assert len(pipeline.segment(_image(), QUESTION).token_ids) == 2
     with pytest.raises(CheckpointError, match="made for"):
         load_lisa(full_model_config(BUNDLED_MODEL_DIR), checkpoint=last, device="cpu")
+    # Given only the checkpoint, the command line loads it on the base it names.
+    from lisa_demo.config import base_model_config
+
+    assert base_model_config(None, checkpoint=last) == full_model_config(converted)
 
 
 def test_a_hub_model_id_that_cannot_be_fetched_says_how_to_download(monkeypatch):

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     """The preset, with the sources, quantization and precision the user overrode."""
-    cfg = base_model_config(args.preset, args.model, args.llava, args.sam)
+    cfg = base_model_config(args.preset, args.model, args.llava, args.sam, args.checkpoint)
     if args.llava or args.sam:
         llava, sam = cfg.llava, cfg.sam
         if cfg.build_tiny and not (args.llava and args.sam):
