@@ -37,11 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from lisa_demo.train.loop import train
 
-        status = train(cfg)  # records its own failures in events.jsonl
+        result = train(cfg)  # records its own failures in events.jsonl
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"training {status}: see {cfg.output_dir}/events.jsonl")
+    print(f"training {result.status}: see {cfg.output_dir}/events.jsonl")
+    if result.warning:
+        print(f"warning: {result.warning}")  # the last line, where it is seen
     return 0
 
 

@@ -23,9 +23,10 @@ from lisa_demo.config import ConfigError
 from lisa_demo.cpu_speed import adamw_options
 from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
 from lisa_demo.loading import LoadedLisa, load_lisa, save_full_model
+from lisa_demo.train import replay
 from lisa_demo.train.data import EmbeddingCache, SampleBatcher, file_identity, training_inputs
 from lisa_demo.train.evaluate import evaluate_samples, seg_rate
-from lisa_demo.train.events import EventLog, load_history
+from lisa_demo.train.events import EventLog, ProgressPrinter, load_history
 from lisa_demo.train.options import TrainConfig
 from lisa_demo.train.state import (
     load_optimizer,
@@ -116,10 +117,20 @@ class Progress:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (per process)
-    best_metric: float = -1.0
+    best_metric: float = -1.0  # the best selection score (replay.selection_score)
     evals_without_improvement: int = 0
     samples_seen: int = 0
     epoch_losses: list[float] = field(default_factory=list)
+    retention_before: float | None = None  # the retention metric before the first step
+    best_retention: float | None = None  # and at the best checkpoint
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: its status and the warning its last line repeats (or None)."""
+
+    status: str  # finished | stopped
+    warning: str | None = None
 
 
 # Data ----------------------------------------------------------------------------------------
@@ -152,6 +163,43 @@ def prepare_datasets(cfg: TrainConfig, accelerator) -> tuple[ReasonSegDataset, R
     return train, val
 
 
+def prepare_replay(
+    cfg: TrainConfig, accelerator, train_set: ReasonSegDataset, val_set: ReasonSegDataset
+) -> tuple[replay.ReplayPlan | None, ReasonSegDataset]:
+    """A fine-tune's replay pool and retention set (None when pretraining with --train-all),
+    and the new data's validation set (half of it when it also has to give the retention set).
+    """
+    if cfg.model.train_all:
+        return None, val_set
+    limit = cfg.retention_samples
+    if cfg.replay_dir is not None:
+        plan = replay.plan_from_dir(cfg.replay_dir, cfg.queries, cfg.seed, limit)
+        return _without_replay(plan) if not cfg.replay_share else plan, val_set
+    domain = replay.synthetic_domain(cfg.model)
+    if domain is not None:
+        root = cfg.output_dir / replay.REPLAY_DIR
+        if accelerator.is_main_process and not root.exists():
+            scenes = (cfg.replay_scenes or len(train_set.records)) if cfg.replay_share else 0
+            exclude = cfg.focus_concept or domain.get("exclude_concept")
+            replay.generate_synthetic(root, domain, scenes, limit or replay.DEFAULT_RETENTION,
+                                      cfg.synthetic_seed, exclude)  # fmt: skip
+        accelerator.wait_for_everyone()
+        return replay.synthetic_plan(root, domain, cfg.seed, limit), val_set
+    new_val, held = replay.split_validation(val_set)
+    retention = replay.first_queries(held, limit) if held is not None else []
+    plan = replay.ReplayPlan(
+        "none", None, retention,
+        "no replay; retention: every second image of the validation split"
+        if retention else "no replay and no retention set (a single validation image)",
+        warning=replay.NO_REPLAY_WARNING if cfg.replay_share else None,
+    )  # fmt: skip
+    return plan, new_val
+
+
+def _without_replay(plan: replay.ReplayPlan) -> replay.ReplayPlan:
+    return replay.ReplayPlan(plan.source, None, plan.retention, plan.description, plan.warning)
+
+
 def epoch_batches(
     n_samples: int, batch_size: int, seed: int, epoch: int, rank: int, world: int
 ) -> list[list[int]]:
@@ -177,6 +225,8 @@ def write_checkpoint(
             "batch_in_epoch": progress.batch_in_epoch, "best_metric": progress.best_metric,
             "evals_without_improvement": progress.evals_without_improvement,
             "samples_seen": progress.samples_seen, "metrics": metrics,
+            "retention_before": progress.retention_before,
+            "best_retention": progress.best_retention,
         })  # fmt: skip
 
     manifest = loaded.manifest(step=progress.step, epoch=progress.epoch, metrics=metrics)
@@ -203,8 +253,9 @@ def resume_folder(path: Path) -> Path:
 
 
 # The loop --------------------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> str:
-    """Run training; returns the end status ("finished" or "stopped"). Raises on failure."""
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run training; returns its end status ("finished" or "stopped") and the retention
+    warning, if any. Raises on failure."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     cuda = torch.cuda.is_available()
@@ -229,19 +280,27 @@ def train(cfg: TrainConfig) -> str:
         events.close()
 
 
-def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, resume) -> str:
+def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, resume) -> TrainResult:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main_rank = accelerator.is_main_process
 
-    # Phase 1: data (cheap, fails early), then the model.
+    # Phase 1: data (cheap, fails early), replay and retention data, then the model.
+    printer = ProgressPrinter(enabled=is_main_rank)
+    printer.line(f"preparing the data in {cfg.output_dir}")
     train_set, val_set = prepare_datasets(cfg, accelerator)
-    n_train = min(len(train_set), cfg.max_train_samples or len(train_set))
-    val_samples: list[Sample] = [val_set[i] for i in range(len(val_set))]
-    val_samples = val_samples[: cfg.max_val_samples or None]
+    n_new = min(len(train_set), cfg.max_train_samples or len(train_set))
+    plan, val_set = prepare_replay(cfg, accelerator, train_set, val_set)
+    if plan is not None and plan.warning:
+        printer.line(f"warning: {plan.warning}")
+    train_mix = replay.mix(train_set, n_new, plan, cfg.replay_share, cfg.seed)
+    n_train = len(train_mix)
+    val_samples: list[Sample] = replay.first_queries(val_set, cfg.max_val_samples)
+    retention: list[Sample] = plan.retention if plan is not None else []
     init = init_folder(cfg.init_from) if cfg.init_from is not None else None
+    printer.line("loading the model")
     loaded = load_lisa(cfg.model, checkpoint=resume or init, device=device, for_training=True)
     model = loaded.model
     warm_up = resume is None and bool(cfg.vision_warmup_minutes or cfg.sam_warmup_minutes)
@@ -294,12 +353,16 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
             best_metric=state["best_metric"],
             evals_without_improvement=state["evals_without_improvement"],
             samples_seen=state.get("samples_seen", 0),
+            retention_before=state.get("retention_before"),
+            best_retention=state.get("best_retention"),
         )  # fmt: skip
     events.emit(
         "start",
         config=cfg.as_dict(),
         dataset={"train": n_train, "val": len(val_samples),
-                 "train_images": len(train_set.records),
+                 "train_images": len(train_set.records), "new": n_new,
+                 "replay": train_mix.n_replay, "retention": len(retention),
+                 "replay_plan": plan.description if plan is not None else None,
                  "train_report": train_set.report.summary(),
                  "val_report": val_set.report.summary()},
         trainable_params=sum(p.numel() for p in params),
@@ -308,19 +371,41 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         resumed_from=str(resume) if resume else None, start_step=progress.step,
         initialized_from=str(init) if init else None,
     )  # fmt: skip
+    if plan is not None and plan.warning:
+        events.emit("warning", kind="no_replay", message=plan.warning)
+    printer.line(
+        f"training on {n_new} new samples"
+        + (f" + {train_mix.n_replay} replay samples per epoch" if train_mix.n_replay else "")
+        + f", {total_steps} steps; validation on {len(val_samples)} new-data images"
+        + (f" and {len(retention)} retention images" if retention else "")
+    )
     if warm_up:  # pretraining only: the encoders' own stages, before the LISA loop
-        _warm_up(cfg, core, batcher, warmup_samples(train_set, n_train, cfg.warmup_images),
+        _warm_up(cfg, core, batcher, warmup_samples(train_set, n_new, cfg.warmup_images),
                  events, stop)  # fmt: skip
 
-    def evaluate_now() -> dict:
+    def evaluate_now(before: bool = False) -> dict:
         acc, _ = evaluate_samples(core, batcher, val_samples, cfg.batch_size, device, cache,
                                   accelerator)  # fmt: skip
         rate = float("nan")
         if is_main_rank and cfg.seg_rate_samples:
             rate = seg_rate(core, batcher, val_samples[: cfg.seg_rate_samples], device)
         metrics = {**acc.as_dict(), "seg_rate": rate}
-        events.emit("eval", step=progress.step, epoch=progress.epoch, **metrics)
+        if retention:
+            kept, _ = evaluate_samples(core, batcher, retention, cfg.batch_size, device, cache,
+                                       accelerator)  # fmt: skip
+            metrics.update({f"retention_{k}": v for k, v in kept.as_dict().items()})
+        metrics["selection"] = replay.selection_score(
+            metrics[cfg.select_metric], metrics.get(f"retention_{cfg.select_metric}"),
+            progress.retention_before, cfg.retention_margin,
+        )  # fmt: skip
+        events.emit("eval", step=progress.step, epoch=progress.epoch, before=before, **metrics)
+        printer.evaluation(progress.step, metrics, before)
         return metrics
+
+    if plan is not None and resume is None:
+        # The numbers to beat (new data) and to keep (retention), before any step.
+        before = evaluate_now(before=True)
+        progress.retention_before = before.get(f"retention_{cfg.select_metric}")
 
     def save(kind: str, metrics: dict | None) -> None:
         if is_main_rank:
@@ -335,19 +420,19 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
     status = "finished"
     last_metrics: dict | None = None
     window_start, window_samples = time.monotonic(), 0
-    run_start, start_step = time.monotonic(), progress.step
+    run_start, start_step, run_samples = time.monotonic(), progress.step, 0
     clock = _ScheduleClock(run_start, stop.deadline) if cfg.schedule_by_time else None
     model.train()
     done = progress.step >= total_steps
     while not done and progress.epoch < epochs:
-        train_set.set_epoch(progress.epoch)
+        train_mix.set_epoch(progress.epoch)
         batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, progress.epoch, rank, world)
         micro = 0
         for index, batch_indices in enumerate(batches):
             if index < progress.batch_in_epoch:
                 continue  # resumed mid-epoch: these were consumed before the stop
             # Phase 2: one micro-batch forward/backward (gradients accumulate).
-            samples = [train_set[i] for i in batch_indices]
+            samples = [train_mix[i] for i in batch_indices]
             batch = batcher(samples, training=True, epoch=progress.epoch, indices=batch_indices)
             inputs = training_inputs(batch, device, cache, core.encode_images, feature_cache,
                                      core.encode_image_features, clicks=clicks,
@@ -364,6 +449,7 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
                         accelerator.backward(out.loss / cfg.grad_accum)
             progress.batch_in_epoch = index + 1
             window_samples += len(samples) * world
+            run_samples += len(samples) * world
             progress.samples_seen += len(samples) * world
             progress.epoch_losses.append(float(out.loss.detach()))
             if not sync:
@@ -398,12 +484,17 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
                     embedding_cache=_cache_stats(cache),
                 )  # fmt: skip
                 window_start, window_samples = time.monotonic(), 0
+            per_step = (time.monotonic() - run_start) / max(1, progress.step - start_step)
+            printer.step(progress.step, total_steps, float(out.loss.detach()),
+                         run_samples / max(time.monotonic() - run_start, 1e-9),
+                         per_step * (total_steps - progress.step))  # fmt: skip
             stopping = stop.should_stop(accelerator)
             if progress.step % eval_every == 0 or progress.step >= total_steps or stopping:
                 last_metrics = evaluate_now()
-                value = last_metrics[cfg.select_metric]
+                value = last_metrics["selection"]
                 if value > progress.best_metric:
                     progress.best_metric = value
+                    progress.best_retention = last_metrics.get(f"retention_{cfg.select_metric}")
                     progress.evals_without_improvement = 0
                     save("best", last_metrics)
                 else:
@@ -435,10 +526,17 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         events.save_history()
         if cfg.export_model and cfg.model.train_all:
             _export_best(cfg, loaded, core)
+    warning = replay.retention_warning(progress.retention_before, progress.best_retention,
+                                       cfg.retention_margin)  # fmt: skip
+    if warning:
+        events.emit("warning", kind="retention", message=warning,
+                    before=progress.retention_before, after=progress.best_retention)  # fmt: skip
     events.emit("end", status=status, error=None, step=progress.step,
-                best_metric=progress.best_metric,
+                best_metric=progress.best_metric, warning=warning,
+                retention_before=progress.retention_before,
+                retention_best=progress.best_retention,
                 peak_memory_mb=round(peak_memory_mb(device), 1))  # fmt: skip
-    return status
+    return TrainResult(status, warning)
 
 
 def _saved_at(cfg: TrainConfig, step: int) -> bool:
