@@ -48,7 +48,14 @@ DEFAULT_RUN = {
     "batch_size": 8, "eval_every": 210, "max_val_samples": 40, "lora_rank": 16,
     "lora_targets": list(LORA_TARGETS), "explained_answers": True, "pointing_weight": 0.0,
     "train_projector": True, "lora_dropout": ModelConfig.lora_dropout,
+    "replay_share": TrainRequest.replay_share, "retention_margin": TrainRequest.retention_margin,
 }  # fmt: skip
+# gradio's own autoscroll only follows a textbox whose content is under 100 px taller than
+# the box, so the log box is scrolled to its newest line in the page after each update.
+FOLLOW_LOG_JS = """() => { requestAnimationFrame(() => {
+    const box = document.querySelector("#training-log textarea");
+    if (box) { box.scrollTop = box.scrollHeight; }
+}); }"""
 NO_RUN = "No training run yet. Choose data and settings, then press Start."
 ZIP_HELP = (
     "A .zip with train/ and val/ folders of NAME.jpg + NAME.json pairs (ReasonSeg layout), or "
@@ -87,12 +94,22 @@ def idle_outputs() -> tuple:
     return "", NO_RUN, None, None, []
 
 
+def eval_plot_value(state: RunState) -> gr.ScatterPlot | None:
+    """The validation points, with the x axis spanning the whole run from its first
+    evaluation (before the first step) on."""
+    frame = plot_value(state.eval_frame())
+    if frame is None:
+        return None
+    right = max(state.total_steps or 0, int(frame["step"].max()), 1)
+    return gr.ScatterPlot(value=frame, x_lim=[0, right])
+
+
 def state_outputs(state: RunState, files: object) -> tuple:
     return (
         state.log_text(),
         state.progress_markdown(),
         plot_value(state.loss_frame()),
-        plot_value(state.eval_frame()),
+        eval_plot_value(state),
         files,
     )
 
@@ -153,8 +170,12 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
         pointing_weight: float = 0.0,
         train_projector: bool = False,
         lora_dropout: float = TrainRequest.lora_dropout,
+        replay_share: float = TrainRequest.replay_share,
+        retention_margin: float = TrainRequest.retention_margin,
+        replay_folder: str | None = None,
     ) -> Iterator[tuple]:
-        if source == "folder" and not settings.allow_server_paths:
+        server_folders = source == "folder" or (replay_folder or "").strip()
+        if server_folders and not settings.allow_server_paths:
             raise gr.Error("Server folders are disabled; upload a .zip instead.")
         try:
             request = TrainRequest(
@@ -183,6 +204,9 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
                 pointing_weight=float(pointing_weight or 0),
                 train_projector=bool(train_projector),
                 lora_dropout=float(0 if lora_dropout is None else lora_dropout),
+                replay_share=float(replay_share or 0),
+                retention_margin=float(0 if retention_margin is None else retention_margin),
+                replay_folder=(replay_folder or "").strip() or None,
             )
             manager.start(settings, request)
         except (RunBusy, RunError) as err:
@@ -388,6 +412,27 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
                         "the base never saw",
                     )
                 with gr.Row():
+                    replay_share = gr.Number(
+                        DEFAULT_RUN["replay_share"],
+                        label="Replay share",
+                        info="share of each epoch drawn from what the model already knew "
+                        "(the bundled model's synthetic scenes, or the replay folder); 0 = none",
+                        minimum=0,
+                        maximum=0.95,
+                    )
+                    retention_margin = gr.Number(
+                        DEFAULT_RUN["retention_margin"],
+                        label="Retention margin (gIoU)",
+                        info="the run warns when the best checkpoint lost more than this on "
+                        "the retention set",
+                        minimum=0,
+                    )
+                    replay_folder = gr.Textbox(
+                        label="Replay folder on the server",
+                        placeholder="/data/base-domain (train/ replayed, val/ for retention)",
+                        visible=settings.allow_server_paths,
+                    )
+                with gr.Row():
                     batch_size = gr.Number(
                         DEFAULT_RUN["batch_size"], label="Batch size", precision=0, minimum=1
                     )
@@ -427,11 +472,13 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
                 loss_plot = gr.LinePlot(
                     x="step", y="value", color="series", label="Training loss", elem_id="loss-plot"
                 )
-                eval_plot = gr.LinePlot(
+                # Points, not lines: a line needs two evaluations, and the first one (before
+                # the first step) should show at once.
+                eval_plot = gr.ScatterPlot(
                     x="step",
                     y="value",
                     color="series",
-                    label="Validation gIoU / cIoU",
+                    label="Validation gIoU: new data and retention",
                     elem_id="eval-plot",
                     y_lim=[0, 1],
                 )
@@ -441,6 +488,7 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
             checkpoints = gr.File(label="Checkpoints (.zip)", file_count="multiple")
 
     outputs = [log, progress, loss_plot, eval_plot, checkpoints]
+    log.change(None, js=FOLLOW_LOG_JS, api_visibility="private", queue=False)
     source.change(
         _source_visibility,
         inputs=source,
@@ -488,6 +536,9 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
             pointing,
             projector,
             lora_dropout,
+            replay_share,
+            retention_margin,
+            replay_folder,
         ],  # fmt: skip
         outputs=outputs,
         api_name="train",
