@@ -94,22 +94,12 @@ def idle_outputs() -> tuple:
     return "", NO_RUN, None, None, []
 
 
-def eval_plot_value(state: RunState) -> gr.ScatterPlot | None:
-    """The validation points, with the x axis spanning the whole run from its first
-    evaluation (before the first step) on."""
-    frame = plot_value(state.eval_frame())
-    if frame is None:
-        return None
-    right = max(state.total_steps or 0, int(frame["step"].max()), 1)
-    return gr.ScatterPlot(value=frame, x_lim=[0, right])
-
-
 def state_outputs(state: RunState, files: object) -> tuple:
     return (
         state.log_text(),
         state.progress_markdown(),
         plot_value(state.loss_frame()),
-        eval_plot_value(state),
+        plot_value(state.eval_frame()),
         files,
     )
 

@@ -74,7 +74,7 @@ def test_example_segments_then_a_training_run_streams(
     page.get_by_text(EXAMPLE_QUERY).first.click()
     expect(page.get_by_label("Question")).to_have_value(EXAMPLE_QUERY)
     page.get_by_role("button", name="Segment", exact=True).click()
-    expect(page.get_by_text("[SEG] 1 (score 0.93)").first).to_be_visible()
+    expect(page.locator("#overlay").get_by_text("mask 1").first).to_be_visible()
     expect(page.locator("#segment-details")).not_to_contain_text("drawn mask")
     expect(page.locator("#segment-details")).to_contain_text("Image embeddings from cache")
     expect(page.get_by_label("Answer")).to_have_value(re.compile(r"\[SEG\]"))
