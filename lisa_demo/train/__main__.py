@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"training {result.status}: see {cfg.output_dir}/events.jsonl")
+    if result.status != "estimated":  # an estimate's last line is its JSON
+        print(f"training {result.status}: see {cfg.output_dir}/events.jsonl")
     if result.warning:
         print(f"warning: {result.warning}")  # the last line, where it is seen
     return 0

@@ -6,6 +6,7 @@ accelerate launch -m lisa_demo.train --dataset data/reasonseg --preset llava-1.5
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -281,6 +282,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, resume) -> TrainResult:
+    entered = time.monotonic()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = accelerator.device
@@ -402,10 +404,15 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         printer.evaluation(progress.step, metrics, before)
         return metrics
 
+    eval_start = time.monotonic()
     if plan is not None and resume is None:
         # The numbers to beat (new data) and to keep (retention), before any step.
         before = evaluate_now(before=True)
         progress.retention_before = before.get(f"retention_{cfg.select_metric}")
+    elif cfg.estimate:
+        evaluate_now()
+    eval_seconds = time.monotonic() - eval_start
+    step_times: list[float] = []  # --estimate: when each optimizer step ended
 
     def save(kind: str, metrics: dict | None) -> None:
         if is_main_rank:
@@ -465,6 +472,12 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
+            if cfg.estimate:  # time a few steps; no logs, evaluations or checkpoints
+                step_times.append(time.monotonic())
+                done = len(step_times) > ESTIMATE_STEPS
+                if done:
+                    break
+                continue
 
             # Phase 4: log, evaluate, checkpoint, stop.
             if progress.step % cfg.log_every == 0 or progress.step == total_steps:
@@ -517,6 +530,10 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
             progress.epoch += 1
             progress.batch_in_epoch = 0
 
+    if cfg.estimate:
+        return _report_estimate(cfg, events, printer, entered, run_start, step_times,
+                                eval_seconds, total_steps, eval_every)  # fmt: skip
+
     # Phase 5: final checkpoint, epoch summary, curves, export.
     if progress.batch_in_epoch:
         _end_epoch(events, progress, last_metrics, cache, is_main_rank)
@@ -537,6 +554,35 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
                 retention_best=progress.best_retention,
                 peak_memory_mb=round(peak_memory_mb(device), 1))  # fmt: skip
     return TrainResult(status, warning)
+
+
+ESTIMATE_STEPS = 3  # --estimate times this many optimizer steps, after a first one
+
+
+def _report_estimate(
+    cfg: TrainConfig, events: EventLog, printer: ProgressPrinter, entered: float,
+    loop_start: float, step_times: list[float], eval_seconds: float, total_steps: int,
+    eval_every: int,
+) -> TrainResult:  # fmt: skip
+    """--estimate: the run's duration from its measured start-up, evaluation and steps. The
+    first step is left out (it also pays one-time costs); later steps of a first epoch still
+    encode their images for the first time, as the real run's do."""
+    if len(step_times) < 2:
+        raise ConfigError("--estimate needs at least two optimizer steps of data")
+    step_s = (step_times[-1] - step_times[0]) / (len(step_times) - 1)
+    evaluations = total_steps // eval_every + (1 if total_steps % eval_every else 0)
+    startup_s = loop_start - entered
+    total_s = startup_s + step_s * total_steps + eval_seconds * evaluations
+    estimate = {
+        "startup_s": round(startup_s, 2), "step_s": round(step_s, 4),
+        "eval_s": round(eval_seconds, 2), "total_steps": total_steps,
+        "evaluations": evaluations, "total_s": round(total_s, 1),
+        "loop_start_time": round(time.time() - (time.monotonic() - loop_start), 3),
+    }  # fmt: skip
+    events.emit("estimate", **estimate)
+    printer.line(json.dumps(estimate))
+    events.emit("end", status="estimated", error=None, step=0, warning=None)
+    return TrainResult("estimated")
 
 
 def _saved_at(cfg: TrainConfig, step: int) -> bool:

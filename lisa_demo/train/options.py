@@ -93,6 +93,9 @@ class TrainConfig:
     # nearly all near 0 or near 0.85, so 100 images put the standard error of a difference
     # of gIoU around 0.02 and 40 around 0.04: below that, the margin would be noise.
     retention_samples: int = 100
+    # Measure instead of train: start-up, one evaluation and a few steps, then the estimated
+    # duration of the run as JSON (an "estimate" event); nothing is saved.
+    estimate: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -479,6 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="retention images scored at each evaluation (0 = all; the bundled model's "
         "synthetic retention set has this many)",
     )
+    _add(
+        p,
+        "estimate",
+        action="store_true",
+        help="measure instead of train: time the start-up, one evaluation and a few steps, "
+        "print the estimated duration of the run as JSON and save no checkpoint",
+    )
     return p
 
 
@@ -576,4 +586,5 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         replay_scenes=args.replay_scenes,
         retention_margin=args.retention_margin,
         retention_samples=args.retention_samples,
+        estimate=args.estimate,
     )

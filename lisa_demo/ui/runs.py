@@ -47,6 +47,8 @@ LOSS_SERIES = ("loss", "ce_loss", "bce_loss", "dice_loss")
 NEW_DATA, RETENTION = "new data gIoU", "retention gIoU"
 EVAL_SERIES = (("giou", NEW_DATA), ("retention_giou", RETENTION))
 STARTUP_STOP = "stopped before training began"
+ESTIMATE_DIR = ".estimates"  # scratch folders of duration estimates, inside the runs folder
+ESTIMATE_TIMEOUT_S = 600
 
 
 class RunBusy(RuntimeError):
@@ -686,6 +688,22 @@ class TrainingManager:
         state.add_line(f"launched: {' '.join(command[1:])}")
         return TrainingRun(state, process, settings.stop_timeout_s)
 
+    def estimate(self, settings: AppSettings, request: TrainRequest) -> dict:
+        """Time the request's run without training it (the trainer's --estimate): RunBusy
+        while a run is in progress (it would slow both and skew the measure)."""
+        with self._lock:
+            if self._starting or (self.run is not None and self.run.alive):
+                raise RunBusy(
+                    "A training run is in progress: its progress line gives the time left. "
+                    "Estimate after it ends."
+                )
+            self._starting = True
+        try:
+            return estimate_run(settings, request)
+        finally:
+            with self._lock:
+                self._starting = False
+
     def snapshot(self) -> RunState | None:
         run = self.run
         return None if run is None else run.snapshot()
@@ -703,11 +721,71 @@ class TrainingManager:
             _signal_group(run.process.pid, signal.SIGTERM)
 
 
-def _spawn(command: list[str], run_dir: Path) -> subprocess.Popen:
+def estimate_run(settings: AppSettings, request: TrainRequest) -> dict:
+    """Run the trainer with --estimate on these settings in a scratch folder of the runs
+    folder (removed afterwards) and return its estimate, with the start-up measured from the
+    launch (Python and library imports included) and the total recomputed from it."""
+    scratch = _new_run_dir(settings.runs_dir / ESTIMATE_DIR)
+    try:
+        try:
+            dataset, _ = _prepare_data(request, scratch)
+        except ArchiveError as err:
+            raise RunError(str(err)) from err
+        args = [*request.trainer_args(scratch / "run", dataset), "--estimate"]
+        if request.preset == settings.preset:
+            for name in ("llava", "sam"):
+                if getattr(settings, name):
+                    args += [f"--{name}", getattr(settings, name)]
+        command = trainer_command(args, settings.trainer_module, settings.trainer_launcher)
+        launched = time.time()
+        try:
+            done = subprocess.run(
+                command, cwd=PROJECT_ROOT, env=_trainer_env(), stdin=subprocess.DEVNULL,
+                capture_output=True, text=True, timeout=ESTIMATE_TIMEOUT_S,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as err:
+            raise RunError(f"the estimate took more than {ESTIMATE_TIMEOUT_S} s") from err
+        events = EventReader(scratch / "run" / EVENTS_FILE).read()
+        found = [e for e in events if e["event"] == "estimate"]
+        if not found:
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+            ended = [e for e in events if e["event"] == "end" and e.get("error")]
+            raise RunError(f"could not estimate: {ended[-1]['error'] if ended else tail}")
+        estimate = dict(found[-1])
+        startup = max(0.0, float(estimate["loop_start_time"]) - launched)
+        estimate["startup_s"] = round(startup, 1)
+        estimate["total_s"] = round(
+            startup
+            + float(estimate["step_s"]) * int(estimate["total_steps"])
+            + float(estimate["eval_s"]) * int(estimate["evaluations"]),
+            1,
+        )
+        return estimate
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def estimate_markdown(estimate: dict) -> str:
+    """One paragraph: the estimated duration and what it is made of."""
+    return (
+        f"**Estimated duration: about {format_duration(estimate['total_s'])}** on this machine "
+        f"now: start-up {format_duration(estimate['startup_s'])} (data, model, the evaluation "
+        f"before training), {estimate['total_steps']} steps of {estimate['step_s']:.2f} s "
+        f"(measured on a few steps just now) and {estimate['evaluations']} evaluations of "
+        f"{estimate['eval_s']:.1f} s. Other work on this machine makes it longer."
+    )
+
+
+def _trainer_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
     )
+    return env
+
+
+def _spawn(command: list[str], run_dir: Path) -> subprocess.Popen:
+    env = _trainer_env()
     with (run_dir / TRAINER_LOG).open("ab") as output:
         return subprocess.Popen(
             command,

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--replay-share", type=float, default=0.5)
     p.add_argument("--retention-margin", type=float, default=0.03)
+    p.add_argument("--estimate", action="store_true")
     args, _ = p.parse_known_args(argv)
     time.sleep(float(os.environ.get("FAKE_TRAINER_STARTUP_S", "0")))  # "importing torch"
     ignore = os.environ.get("FAKE_TRAINER_IGNORE_SIGTERM") == "1"
@@ -60,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     print(f"fake trainer: {total} steps into {out}", flush=True)
+    if args.estimate:  # --estimate: the measured parts of a duration, then nothing else
+        with (out / "events.jsonl").open("a") as events:
+            emit(events, "estimate", startup_s=0.5, step_s=step_s, eval_s=0.25,
+                 total_steps=total, evaluations=total // 2, total_s=0.0,
+                 loop_start_time=time.time())  # fmt: skip
+            emit(events, "end", status="estimated", error=None, step=0, warning=None)
+        return 0
     harmful = args.learning_rate >= 0.01
     retention_before = 0.8
 

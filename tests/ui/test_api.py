@@ -275,6 +275,17 @@ def test_a_run_that_forgets_ends_with_a_warning_on_the_page(
     assert "warning: the model forgot" in final[LOG]
 
 
+def test_estimate_measures_the_chosen_settings_before_start(
+    fake_app: LaunchedApp, no_run_after, monkeypatch
+) -> None:
+    monkeypatch.setenv("FAKE_TRAINER_STEP_S", "0.5")
+    text = fake_app.client.predict(max_steps=120, api_name="/estimate_training")
+    # 120 steps of 0.5 s and 60 evaluations of 0.25 s after the measured start-up: over 1:15.
+    assert text.startswith("**Estimated duration: about 1:")
+    assert "120 steps of 0.50 s" in text and "60 evaluations of 0.2 s" in text
+    assert not list((fake_app.settings.runs_dir / ".estimates").iterdir())  # scratch removed
+
+
 def test_stop_ends_the_run_with_last_saved(
     fake_app: LaunchedApp, no_run_after, monkeypatch
 ) -> None:
