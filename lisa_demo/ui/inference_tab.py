@@ -191,6 +191,7 @@ def build_inference_tab(registry: ModelRegistry, examples_dir: Path) -> Inferenc
                         "Ground-truth mask",
                         sources=["upload", "clipboard"],
                         height=220,
+                        elem_id="ground-truth-mask",
                     )
                     gr.Markdown("Non-zero pixels are the object (or opaque ones, if transparent).")
                 with gr.Tab("Draw on the image"):
@@ -232,9 +233,15 @@ def build_inference_tab(registry: ModelRegistry, examples_dir: Path) -> Inferenc
 
     image.change(lambda path: path, inputs=image, outputs=gt_drawing, api_visibility="private")
     # A new image from the user (upload, paste, webcam, clear) makes the ground truth of the
-    # previous one meaningless: clear it. Examples set image and mask together and do not
-    # fire `input`, so their masks stay.
-    image.input(lambda: None, outputs=gt_mask, api_visibility="private", queue=False)
+    # previous one meaningless: clear it. Examples set image and mask together and fire
+    # none of these, so their masks stay.
+    gr.on(
+        [image.upload, image.clear, image.input],
+        lambda: None,
+        outputs=gt_mask,
+        api_visibility="private",
+        queue=False,
+    )
     segment = make_segment_handler(registry)
     inputs = [image, query, gt_mask, gt_drawing, threshold, model]
     outputs = [overlay, answer, details, table, files, timings]
