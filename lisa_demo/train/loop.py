@@ -67,10 +67,22 @@ class _ScheduleClock:
         return min(1.0, (time.monotonic() - self.start) / (self.deadline - self.start))
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, mask_side: set[int] | None = None
+) -> torch.optim.Optimizer:
     """AdamW (8 bytes of state per trainable parameter), or bitsandbytes' paged 8-bit AdamW
-    (2 bytes, paged to CPU memory under GPU memory pressure; unpaged on a CPU)."""
+    (2 bytes, paged to CPU memory under GPU memory pressure; unpaged on a CPU).
+
+    With --mask-lr-scale other than 1, the parameters whose ids are in `mask_side` form a
+    second group whose "lr_scale" the loop multiplies the scheduled learning rate by."""
     kwargs = {"lr": cfg.learning_rate, "betas": (0.9, 0.95), "weight_decay": cfg.weight_decay}
+    options = adamw_options(params)
+    if mask_side and cfg.mask_lr_scale != 1.0:
+        groups = [
+            {"params": [p for p in params if id(p) not in mask_side], "lr_scale": 1.0},
+            {"params": [p for p in params if id(p) in mask_side], "lr_scale": cfg.mask_lr_scale},
+        ]
+        params = [group for group in groups if group["params"]]  # type: ignore[misc]
     if cfg.optimizer == "paged_adamw_8bit":
         try:
             import bitsandbytes as bnb
@@ -79,7 +91,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
                 "--optimizer paged_adamw_8bit needs bitsandbytes: pip install bitsandbytes"
             ) from err
         return bnb.optim.PagedAdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs, **adamw_options(params))
+    return torch.optim.AdamW(params, **kwargs, **options)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -317,7 +329,7 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         model.train_sam_encoder = False
     for p in params:  # master weights in fp32; autocast does the low-precision math
         p.data = p.data.float()
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(params, cfg, {id(p) for p in _mask_side_parameters(model)})
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     batcher = SampleBatcher(
@@ -466,7 +478,7 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
             lr = lr_at(progress.step, total_steps, cfg.warmup_steps, cfg.lr_scheduler,
                        cfg.learning_rate, clock.spent() if clock else 0.0)  # fmt: skip
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -596,6 +608,12 @@ def _saved_at(cfg: TrainConfig, step: int) -> bool:
 
 def _num(value) -> float | None:
     return None if value is None else float(value.detach())
+
+
+def _mask_side_parameters(model) -> list[torch.nn.Parameter]:
+    """The [SEG] projection and SAM's mask decoder (what --mask-lr-scale scales)."""
+    parts = (model.text_hidden_fcs, model.sam.mask_decoder)
+    return [p for part in parts for p in part.parameters()]
 
 
 def _encoder_parameters(model) -> list[torch.nn.Parameter]:

@@ -50,6 +50,8 @@ class TrainConfig:
     batch_size: int = 2
     grad_accum: int = 1
     learning_rate: float = 3e-4
+    # The [SEG] projection and SAM's mask decoder learn at this multiple of learning_rate.
+    mask_lr_scale: float = 1.0
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | paged_adamw_8bit (bitsandbytes, 2 bytes of state/param)
     lr_scheduler: str = "linear"
@@ -105,6 +107,8 @@ class TrainConfig:
             raise ConfigError("use either --dataset or --synthetic, not both")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not self.mask_lr_scale >= 0:
+            raise ConfigError(f"--mask-lr-scale must be >= 0, got {self.mask_lr_scale}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("--epochs is 0 and no --max-steps: nothing to train")
         for name in ("batch_size", "grad_accum"):
@@ -298,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "batch-size", type=int, default=2)
     _add(p, "grad-accum", type=int, default=1)
     _add(p, "learning-rate", type=float, default=3e-4)
+    _add(
+        p,
+        "mask-lr-scale",
+        type=float,
+        default=TrainConfig.mask_lr_scale,
+        help="the [SEG] projection and SAM's mask decoder learn at this multiple of the "
+        "learning rate (the language model's LoRA and token rows at the rate itself)",
+    )
     _add(p, "weight-decay", type=float, default=0.0)
     _add(
         p,
@@ -552,6 +564,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         learning_rate=args.learning_rate,
+        mask_lr_scale=args.mask_lr_scale,
         weight_decay=args.weight_decay,
         optimizer=args.optimizer,
         lr_scheduler=args.lr_scheduler,

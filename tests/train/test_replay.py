@@ -162,3 +162,23 @@ def test_harmful_fine_tune_of_the_bundled_model_replays_and_ends_with_a_warning(
     retention = [json.loads(p.read_text()) for p in (out / "replay" / "val").glob("*.json")]
     assert len(retention) == 6
     assert all("heart" not in json.dumps(a["objects"]) for a in retention)
+
+
+def test_mask_lr_scale_puts_the_mask_side_in_its_own_group(tmp_path):
+    import torch
+
+    from lisa_demo.train.loop import build_optimizer
+    from lisa_demo.train.options import parse_args
+
+    language, decoder = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    params = [*language.parameters(), *decoder.parameters()]
+    mask_side = {id(p) for p in decoder.parameters()}
+    base = ["--synthetic", "4", "--output-dir", str(tmp_path), "--learning-rate", "1e-3"]
+    one = build_optimizer(params, parse_args(base), mask_side)
+    assert len(one.param_groups) == 1  # scale 1: one group, as before
+    scaled = build_optimizer(params, parse_args([*base, "--mask-lr-scale", "0.3"]), mask_side)
+    groups = scaled.param_groups
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.3]
+    assert [{id(p) for p in g["params"]} for g in groups] == [
+        {id(p) for p in language.parameters()}, mask_side
+    ]  # fmt: skip

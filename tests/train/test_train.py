@@ -377,3 +377,21 @@ def test_schedule_by_time_follows_whichever_is_further_along():
     # The warm-up and a constant schedule do not follow the clock.
     assert lr_at(4, 110, 10, "cosine", 1.0, time_spent=0.9) == pytest.approx(0.5)
     assert lr_at(60, 110, 10, "constant", 1.0, time_spent=0.9) == 1.0
+
+
+def test_estimate_times_a_few_steps_and_trains_nothing(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train_main(
+        ["--dataset", str(dataset), "--output-dir", str(out), *BASE, "--max-steps", "500",
+         "--eval-every", "100", "--seg-rate-samples", "0", "--estimate"]
+    )  # fmt: skip
+    assert code == 0
+    estimate = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert estimate["total_steps"] == 500 and estimate["evaluations"] == 5
+    assert estimate["step_s"] > 0 and estimate["eval_s"] > 0 and estimate["startup_s"] > 0
+    expected = estimate["startup_s"] + 500 * estimate["step_s"] + 5 * estimate["eval_s"]
+    assert estimate["total_s"] == pytest.approx(expected, abs=0.2)
+    events = read_events(out)
+    assert [e["event"] for e in events][-2:] == ["estimate", "end"]
+    assert events[-1]["status"] == "estimated"
+    assert not of(events, "log") and not (out / "checkpoints").exists()
