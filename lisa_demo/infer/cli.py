@@ -34,6 +34,7 @@ from lisa_demo.paths import (
 )
 
 EXIT_USER_ERROR = 2
+MASKS_PRINTED = 4  # then one line about the rest (an answer that repeats [SEG] has dozens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS, help="default: the preset's")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument(
-        "--threshold", type=float, default=0.0, help="mask = logits > threshold (default: 0)"
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="mask probability above which a pixel is in the mask, between 0 and 1 (default: 0.5)",
     )
     parser.add_argument(
         "--max-new-tokens", type=int, default=48, help="answer length limit (default: 48)"
@@ -101,14 +105,15 @@ def _check_device(device: str | None) -> None:
 
 
 def write_masks(masks: list, out_dir: Path) -> list[Path]:
-    """One 0/255 grayscale PNG per mask, at the original image size."""
+    """One 0/255 grayscale PNG per mask, at the original image size: mask_1.png, mask_2.png,
+    ... (masks are numbered from 1 everywhere: files, the printed lines, the app)."""
     import numpy as np
     from PIL import Image
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for i, result in enumerate(masks):
-        path = out_dir / f"mask_{i}.png"
+        path = out_dir / f"mask_{i + 1}.png"
         Image.fromarray(result.mask.astype(np.uint8) * 255).save(path)
         files.append(path)
     return files
@@ -119,12 +124,13 @@ def summary(result, files: list[Path]) -> dict:
         "answer": result.answer,
         "masks": [
             {
+                "number": number,
                 "file": str(path),
                 "score": mask.score,
                 "area": int(mask.mask.sum()),
                 "area_fraction": mask.area_fraction,
             }
-            for mask, path in zip(result.masks, files, strict=True)
+            for number, (mask, path) in enumerate(zip(result.masks, files, strict=True), start=1)
         ],
         "timings": result.timings,
         "cache_hit": result.cache_hit,
@@ -134,11 +140,16 @@ def summary(result, files: list[Path]) -> dict:
 
 def print_human(report: dict) -> None:
     print(f"answer: {report['answer']}")
-    for i, mask in enumerate(report["masks"]):
+    masks = report["masks"]
+    for mask in masks[:MASKS_PRINTED]:
         print(
-            f"mask {i}: {mask['file']}  score {mask['score']:.3f}  "
+            f"mask {mask['number']}: {mask['file']}  score {mask['score']:.3f}  "
             f"area {mask['area']} px ({100 * mask['area_fraction']:.1f}%)"
         )
+    rest = masks[MASKS_PRINTED:]
+    if rest:
+        empty = sum(1 for mask in rest if not mask["area"])
+        print(f"... and {len(rest)} more masks ({empty} of them empty), also in the folder")
     t = report["timings"]
     print(
         f"time: {t['total']:.2f} s (image encoding {t['image_encoding']:.2f}, "
@@ -165,16 +176,25 @@ def path_arguments(args: argparse.Namespace) -> list[tuple]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lisa_demo.infer.pipeline import LisaPipeline, check_query, load_image
+    from lisa_demo.infer.pipeline import (
+        LisaPipeline,
+        check_query,
+        load_image,
+        probability_to_logit,
+    )
 
     check_query(args.query)  # every argument is checked before a model loads
+    if not 0.0 < args.threshold < 1.0:
+        raise ConfigError(
+            f"--threshold is a mask probability between 0 and 1, got {args.threshold}"
+        )
     cfg = model_config(args)
     _check_device(args.device)
     image = load_image(args.image)
     pipeline = LisaPipeline.from_config(
         cfg, checkpoint=args.checkpoint, device=args.device, max_new_tokens=args.max_new_tokens
     )
-    result = pipeline.segment(image, args.query, threshold=args.threshold)
+    result = pipeline.segment(image, args.query, threshold=probability_to_logit(args.threshold))
     out_dir = mask_folder(args)
     try:
         files = write_masks(result.masks, out_dir)

@@ -52,6 +52,9 @@ MAX_IMAGE_PIXELS = 40_000_000
 MAX_QUERY_CHARS = 1000
 _RESIZE_HINT = f"downscale it to at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels and try again"
 NO_SEG_MESSAGE = f"The model found nothing to segment: its answer has no {SEG_TOKEN} token."
+# More [SEG] tokens than this in one answer are degenerate output (the model repeating the
+# token), not objects: a message says so instead of advising another threshold.
+MANY_MASKS = 4
 _WHITE = (255, 255, 255, 255)
 _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
@@ -615,18 +618,39 @@ class LisaPipeline:
         return results
 
     def _message(self, answer: _Answer, masks: list[MaskResult], threshold: float) -> str | None:
+        """What went wrong, for people: masks are numbered from 1, the threshold is given as
+        the probability users set."""
         notes = []
         if not masks:
             notes.append(NO_SEG_MESSAGE)
-        empty = [str(i) for i, m in enumerate(masks) if not m.mask.any()]
-        if empty:
+        empty = [str(i + 1) for i, m in enumerate(masks) if not m.mask.any()]
+        if len(masks) > MANY_MASKS:
+            some = f"; {len(empty)} of its masks are empty" if empty else ""
+            notes.append(
+                f"The answer has {len(masks)} {SEG_TOKEN} tokens, far more than it names "
+                f"objects: the model's output went wrong (a lower threshold will not help){some}."
+            )
+        elif empty:
             notes.append(
                 f"Mask {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty: no pixel "
-                f"has a logit above the threshold {threshold:g}; try a lower threshold."
+                f"has a mask probability above {logit_to_probability(threshold):.2f}; try a "
+                "lower threshold."
             )
         if answer.truncated:
             notes.append(f"The answer was cut off at {self.max_new_tokens} new tokens.")
         return " ".join(notes) or None
+
+
+def logit_to_probability(logit: float) -> float:
+    """The mask probability of a logit threshold (0 -> 0.5)."""
+    return 0.5 * (1.0 + math.tanh(0.5 * logit))  # sigmoid without overflow
+
+
+def probability_to_logit(probability: float) -> float:
+    """The logit threshold of a mask probability (0.5 -> 0.0); clipped to [1e-12, 1 - 1e-12],
+    so that the logit stays finite."""
+    p = min(max(float(probability), 1e-12), 1.0 - 1e-12)
+    return math.log(p / (1.0 - p))
 
 
 def _pad_id(tokenizer) -> int:

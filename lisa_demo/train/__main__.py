@@ -45,11 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         from lisa_demo.train.pretrain.recipe import recipe_for
 
         quiet_library_output()  # a refusal after loading is one line, as before it
-        status = train(cfg, recipe_for(cfg.pretrain, cfg.seed))  # records its own failures
+        result = train(cfg, recipe_for(cfg.pretrain, cfg.seed))  # records its own failures
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"training {status}: see {cfg.output_dir}/events.jsonl")
+    if result.status != "estimated":  # an estimate's last line is its JSON
+        print(f"training {result.status}: see {cfg.output_dir}/events.jsonl")
+    if result.warning:
+        print(f"warning: {result.warning}")  # the last line, where it is seen
     return 0
 
 

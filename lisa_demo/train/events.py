@@ -1,17 +1,24 @@
-"""What a run tells the world: events.jsonl (the app's contract), history and curves.
+"""What a run tells the world: events.jsonl (the app's contract), history and curves, and a
+progress line on stdout for people at a terminal.
 
 Event kinds, one JSON object per line, flushed as they happen:
-    start       config, dataset counts, trainable parameters, total steps
+    start       config, dataset counts (new, replay per epoch, retention), trainable
+                parameters, total steps
     log         step, epoch, loss and each term, lr, samples_per_sec, memory_mb, eta_seconds
-    eval        step, epoch, giou, ciou, seg_rate, n
+    eval        step, epoch, before (true for the evaluation before the first step), giou, ciou,
+                seg_rate, n on the new data; retention_giou, retention_ciou, retention_n on
+                the retention set (fine-tunes); selection (what the best checkpoint maximises)
     checkpoint  step, kind (best | last), path, metric
-    end         status (finished | stopped | failed), error, step
+    warning     kind (no_replay | retention), message
+    end         status (finished | stopped | failed), error, step, warning (the retention
+                warning or null), retention_before, retention_best
 Only the main process writes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -19,6 +26,12 @@ from pathlib import Path
 EVENTS_FILE = "events.jsonl"
 HISTORY_FILE = "training_history.json"
 PLOT_FILE = "training_history.png"
+EVAL_CURVES = (
+    ("giou", "new data gIoU"),
+    ("ciou", "new data cIoU"),
+    ("retention_giou", "retention gIoU"),
+    ("retention_ciou", "retention cIoU"),
+)
 
 
 class EventLog:
@@ -63,6 +76,52 @@ class EventLog:
             self._handle = None
 
 
+class ProgressPrinter:
+    """Lines on stdout while a run trains: its phases, a progress line (step, loss, rate, time
+    left) at the first step, then at most every `every_s` seconds and at the last step, and
+    each evaluation. events.jsonl stays the machine-readable stream."""
+
+    def __init__(self, enabled: bool = True, every_s: float = 10.0) -> None:
+        self.enabled = enabled
+        self.every_s = every_s
+        self._last = -math.inf
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def step(
+        self, step: int, total: int, loss: float, samples_per_sec: float, eta_seconds: float
+    ) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s and step < total:
+            return
+        self._last = now
+        self.line(
+            f"step {step}/{total} · loss {loss:.4f} · {samples_per_sec:.1f} samples/s · "
+            f"{format_seconds(eta_seconds)} left"
+        )
+
+    def evaluation(self, step: int, metrics: dict, before: bool = False) -> None:
+        when = "before training" if before else f"at step {step}"
+        text = (
+            f"validation {when}: new data gIoU {metrics['giou']:.3f} / cIoU {metrics['ciou']:.3f}"
+        )
+        if "retention_giou" in metrics:
+            text += (
+                f" · retention gIoU {metrics['retention_giou']:.3f} / cIoU "
+                f"{metrics['retention_ciou']:.3f}"
+            )
+        self.line(text)
+
+
+def format_seconds(seconds: float) -> str:
+    """m:ss, or h:mm:ss from an hour on."""
+    minutes, secs = divmod(max(0, round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def load_history(output_dir: Path) -> list[dict]:
     path = Path(output_dir) / HISTORY_FILE
     if not path.exists():
@@ -88,10 +147,10 @@ def plot_history(history: list[dict], path: Path) -> None:
         if points:
             ax_loss.plot(*zip(*points, strict=True), label=key)
     ax_loss.set(xlabel="optimizer step", ylabel="loss", title="training loss")
-    for key in ("giou", "ciou"):
-        points = [(h["step"], h[key]) for h in evals]
+    for key, label in EVAL_CURVES:
+        points = [(h["step"], h[key]) for h in evals if h.get(key) is not None]
         if points:
-            ax_eval.plot(*zip(*points, strict=True), marker="o", label=key)
+            ax_eval.plot(*zip(*points, strict=True), marker="o", label=label)
     ax_eval.set(xlabel="optimizer step", ylabel="IoU", title="validation", ylim=(0, 1))
     for ax in (ax_loss, ax_eval):
         if ax.lines:

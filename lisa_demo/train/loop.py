@@ -10,6 +10,7 @@ about it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -31,9 +32,10 @@ from lisa_demo.config import ConfigError
 from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
 from lisa_demo.loading import LoadedLisa, load_lisa, save_full_model
 from lisa_demo.model import LisaModel
+from lisa_demo.train import replay
 from lisa_demo.train.data import EmbeddingCache, SampleBatcher, training_inputs
 from lisa_demo.train.evaluate import evaluate_samples, seg_rate
-from lisa_demo.train.events import EventLog, load_history
+from lisa_demo.train.events import EventLog, ProgressPrinter, load_history
 from lisa_demo.train.options import TrainConfig
 from lisa_demo.train.state import (
     load_optimizer,
@@ -92,10 +94,21 @@ class _ScheduleClock:
         return min(1.0, (time.monotonic() - self.start) / (self.deadline - self.start))
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, mask_side: set[int] | None = None
+) -> torch.optim.Optimizer:
     """AdamW (8 bytes of state per trainable parameter), or bitsandbytes' paged 8-bit AdamW
-    (2 bytes, paged to CPU memory under GPU memory pressure; unpaged on a CPU)."""
+    (2 bytes, paged to CPU memory under GPU memory pressure; unpaged on a CPU).
+
+    With --mask-lr-scale other than 1, the parameters whose ids are in `mask_side` form a
+    second group whose "lr_scale" the loop multiplies the scheduled learning rate by."""
     kwargs = {"lr": cfg.learning_rate, "betas": (0.9, 0.95), "weight_decay": cfg.weight_decay}
+    if mask_side and cfg.mask_lr_scale != 1.0:
+        groups = [
+            {"params": [p for p in params if id(p) not in mask_side], "lr_scale": 1.0},
+            {"params": [p for p in params if id(p) in mask_side], "lr_scale": cfg.mask_lr_scale},
+        ]
+        params = [group for group in groups if group["params"]]  # type: ignore[misc]
     if cfg.optimizer == "paged_adamw_8bit":
         try:
             import bitsandbytes as bnb
@@ -143,10 +156,20 @@ class Progress:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (per process)
-    best_metric: float = -1.0
+    best_metric: float = -1.0  # the best selection score (replay.selection_score)
     evals_without_improvement: int = 0
     samples_seen: int = 0
     epoch_losses: list[float] = field(default_factory=list)
+    retention_before: float | None = None  # the retention metric before the first step
+    best_retention: float | None = None  # and at the best checkpoint
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: its status and the warning its last line repeats (or None)."""
+
+    status: str  # finished | stopped
+    warning: str | None = None
 
 
 # Data ----------------------------------------------------------------------------------------
@@ -179,6 +202,43 @@ def prepare_datasets(cfg: TrainConfig, accelerator) -> tuple[ReasonSegDataset, R
     return train, val
 
 
+def prepare_replay(
+    cfg: TrainConfig, accelerator, train_set: ReasonSegDataset, val_set: ReasonSegDataset
+) -> tuple[replay.ReplayPlan | None, ReasonSegDataset]:
+    """A fine-tune's replay pool and retention set (None when pretraining with --train-all),
+    and the new data's validation set (half of it when it also has to give the retention set).
+    """
+    if cfg.model.train_all:
+        return None, val_set
+    limit = cfg.retention_samples
+    if cfg.replay_dir is not None:
+        plan = replay.plan_from_dir(cfg.replay_dir, cfg.queries, cfg.seed, limit)
+        return _without_replay(plan) if not cfg.replay_share else plan, val_set
+    domain = replay.synthetic_domain(cfg.model)
+    if domain is not None:
+        root = cfg.output_dir / replay.REPLAY_DIR
+        if accelerator.is_main_process and not root.exists():
+            scenes = (cfg.replay_scenes or len(train_set.records)) if cfg.replay_share else 0
+            exclude = cfg.focus_concept or domain.get("exclude_concept")
+            replay.generate_synthetic(root, domain, scenes, limit or replay.DEFAULT_RETENTION,
+                                      cfg.synthetic_seed, exclude)  # fmt: skip
+        accelerator.wait_for_everyone()
+        return replay.synthetic_plan(root, domain, cfg.seed, limit), val_set
+    new_val, held = replay.split_validation(val_set)
+    retention = replay.first_queries(held, limit) if held is not None else []
+    plan = replay.ReplayPlan(
+        "none", None, retention,
+        "no replay; retention: every second image of the validation split"
+        if retention else "no replay and no retention set (a single validation image)",
+        warning=replay.NO_REPLAY_WARNING if cfg.replay_share else None,
+    )  # fmt: skip
+    return plan, new_val
+
+
+def _without_replay(plan: replay.ReplayPlan) -> replay.ReplayPlan:
+    return replay.ReplayPlan(plan.source, None, plan.retention, plan.description, plan.warning)
+
+
 def epoch_batches(
     n_samples: int, batch_size: int, seed: int, epoch: int, rank: int, world: int
 ) -> list[list[int]]:
@@ -204,6 +264,8 @@ def write_checkpoint(
             "batch_in_epoch": progress.batch_in_epoch, "best_metric": progress.best_metric,
             "evals_without_improvement": progress.evals_without_improvement,
             "samples_seen": progress.samples_seen, "metrics": metrics,
+            "retention_before": progress.retention_before,
+            "best_retention": progress.best_retention,
         })  # fmt: skip
 
     manifest = loaded.manifest(step=progress.step, epoch=progress.epoch, metrics=metrics)
@@ -241,8 +303,9 @@ def remove_leftovers(output_dir: Path) -> None:
 
 
 # The loop --------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, recipe: Recipe | None = None) -> str:
-    """Run training; returns the end status ("finished" or "stopped"). Raises on failure."""
+def train(cfg: TrainConfig, recipe: Recipe | None = None) -> TrainResult:
+    """Run training; returns its end status ("finished" or "stopped") and the retention
+    warning, if any. Raises on failure."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     cuda = torch.cuda.is_available()
@@ -273,19 +336,28 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> str:
 def _run(
     cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, resume,
     recipe: Recipe | None,
-) -> str:  # fmt: skip
+) -> TrainResult:  # fmt: skip
+    entered = time.monotonic()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main_rank = accelerator.is_main_process
 
-    # Phase 1: data (cheap, fails early), then the model.
+    # Phase 1: data (cheap, fails early), replay and retention data, then the model.
+    printer = ProgressPrinter(enabled=is_main_rank)
+    printer.line(f"preparing the data in {cfg.output_dir}")
     train_set, val_set = prepare_datasets(cfg, accelerator)
-    n_train = min(len(train_set), cfg.max_train_samples or len(train_set))
-    val_samples: list[Sample] = [val_set[i] for i in range(len(val_set))]
-    val_samples = val_samples[: cfg.max_val_samples or None]
+    n_new = min(len(train_set), cfg.max_train_samples or len(train_set))
+    plan, val_set = prepare_replay(cfg, accelerator, train_set, val_set)
+    if plan is not None and plan.warning:
+        printer.line(f"warning: {plan.warning}")
+    train_mix = replay.mix(train_set, n_new, plan, cfg.replay_share, cfg.seed)
+    n_train = len(train_mix)
+    val_samples: list[Sample] = replay.first_queries(val_set, cfg.max_val_samples)
+    retention: list[Sample] = plan.retention if plan is not None else []
     init = init_folder(cfg.init_from) if cfg.init_from is not None else None
+    printer.line("loading the model")
     loaded = load_lisa(cfg.model, checkpoint=resume or init, device=device, for_training=True,
                        attach=recipe.attach if recipe else None)  # fmt: skip
     core = loaded.model
@@ -298,7 +370,7 @@ def _run(
         core.train_sam_encoder = False
     for p in params:  # master weights in fp32; autocast does the low-precision math
         p.data = p.data.float()
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(params, cfg, {id(p) for p in _mask_side_parameters(core)})
     # `model` is what trains (the recipe's wrapper, if any); `core` the LisaModel inside it,
     # whose weights are saved, evaluated and exported.
     model, optimizer = accelerator.prepare(recipe.wrap(core) if recipe else core, optimizer)
@@ -334,12 +406,16 @@ def _run(
             best_metric=state["best_metric"],
             evals_without_improvement=state["evals_without_improvement"],
             samples_seen=state.get("samples_seen", 0),
+            retention_before=state.get("retention_before"),
+            best_retention=state.get("best_retention"),
         )  # fmt: skip
     events.emit(
         "start",
         config=cfg.as_dict(),
         dataset={"train": n_train, "val": len(val_samples),
-                 "train_images": len(train_set.records),
+                 "train_images": len(train_set.records), "new": n_new,
+                 "replay": train_mix.n_replay, "retention": len(retention),
+                 "replay_plan": plan.description if plan is not None else None,
                  "train_report": train_set.report.summary(),
                  "val_report": val_set.report.summary()},
         trainable_params=sum(p.numel() for p in params),
@@ -348,21 +424,48 @@ def _run(
         resumed_from=str(resume) if resume else None, start_step=progress.step,
         initialized_from=str(init) if init else None,
     )  # fmt: skip
+    if plan is not None and plan.warning:
+        events.emit("warning", kind="no_replay", message=plan.warning)
+    printer.line(
+        f"training on {n_new} new samples"
+        + (f" + {train_mix.n_replay} replay samples per epoch" if train_mix.n_replay else "")
+        + f", {total_steps} steps; validation on {len(val_samples)} new-data images"
+        + (f" and {len(retention)} retention images" if retention else "")
+    )
     warmed = (
         resume is None
         and recipe is not None
         and recipe.before_loop(core, batcher, train_set, n_train, world, events.emit, stop.local)
     )
 
-    def evaluate_now() -> dict:
+    def evaluate_now(before: bool = False) -> dict:
         acc, _ = evaluate_samples(core, batcher, val_samples, cfg.batch_size, device, cache,
                                   accelerator)  # fmt: skip
         rate = float("nan")
         if is_main_rank and cfg.seg_rate_samples:
             rate = seg_rate(core, batcher, val_samples[: cfg.seg_rate_samples], device)
         metrics = {**acc.as_dict(), "seg_rate": rate}
-        events.emit("eval", step=progress.step, epoch=progress.epoch, **metrics)
+        if retention:
+            kept, _ = evaluate_samples(core, batcher, retention, cfg.batch_size, device, cache,
+                                       accelerator)  # fmt: skip
+            metrics.update({f"retention_{k}": v for k, v in kept.as_dict().items()})
+        metrics["selection"] = replay.selection_score(
+            metrics[cfg.select_metric], metrics.get(f"retention_{cfg.select_metric}"),
+            progress.retention_before, cfg.retention_margin,
+        )  # fmt: skip
+        events.emit("eval", step=progress.step, epoch=progress.epoch, before=before, **metrics)
+        printer.evaluation(progress.step, metrics, before)
         return metrics
+
+    eval_start = time.monotonic()
+    if plan is not None and resume is None:
+        # The numbers to beat (new data) and to keep (retention), before any step.
+        before = evaluate_now(before=True)
+        progress.retention_before = before.get(f"retention_{cfg.select_metric}")
+    elif cfg.estimate:
+        evaluate_now()
+    eval_seconds = time.monotonic() - eval_start
+    step_times: list[float] = []  # --estimate: when each optimizer step ended
 
     def save(kind: str, metrics: dict | None) -> None:
         if is_main_rank:
@@ -389,19 +492,19 @@ def _run(
     status = "finished"
     last_metrics: dict | None = None
     window_start, window_samples = time.monotonic(), 0
-    run_start, start_step = time.monotonic(), progress.step
+    run_start, start_step, run_samples = time.monotonic(), progress.step, 0
     clock = _ScheduleClock(run_start, stop.deadline) if cfg.schedule_by_time else None
     model.train()
     done = progress.step >= total_steps
     while not done and progress.epoch < epochs:
-        train_set.set_epoch(progress.epoch)
+        train_mix.set_epoch(progress.epoch)
         batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, progress.epoch, rank, world)
         micro = 0
         for index, batch_indices in enumerate(batches):
             if index < progress.batch_in_epoch:
                 continue  # resumed mid-epoch: these were consumed before the stop
             # Phase 2: one micro-batch forward/backward (gradients accumulate).
-            samples = [train_set[i] for i in batch_indices]
+            samples = [train_mix[i] for i in batch_indices]
             batch = batcher(samples, training=True, epoch=progress.epoch, indices=batch_indices)
             inputs = training_inputs(batch, device, cache, core.encode_images, feature_cache,
                                      core.encode_image_features)  # fmt: skip
@@ -419,6 +522,7 @@ def _run(
                         accelerator.backward(out.loss / cfg.grad_accum)
             progress.batch_in_epoch = index + 1
             window_samples += len(samples) * world
+            run_samples += len(samples) * world
             progress.samples_seen += len(samples) * world
             progress.epoch_losses.append(float(out.loss.detach()))
             if not sync:
@@ -428,12 +532,18 @@ def _run(
             lr = lr_at(progress.step, total_steps, cfg.warmup_steps, cfg.lr_scheduler,
                        cfg.learning_rate, clock.spent() if clock else 0.0)  # fmt: skip
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
+            if cfg.estimate:  # time a few steps; no logs, evaluations or checkpoints
+                step_times.append(time.monotonic())
+                done = len(step_times) > ESTIMATE_STEPS
+                if done:
+                    break
+                continue
 
             # Phase 4: log, evaluate, checkpoint, stop.
             if progress.step % cfg.log_every == 0 or progress.step == total_steps:
@@ -448,12 +558,17 @@ def _run(
                     embedding_cache=_cache_stats(cache),
                 )  # fmt: skip
                 window_start, window_samples = time.monotonic(), 0
+            per_step = (time.monotonic() - run_start) / max(1, progress.step - start_step)
+            printer.step(progress.step, total_steps, float(out.loss.detach()),
+                         run_samples / max(time.monotonic() - run_start, 1e-9),
+                         per_step * (total_steps - progress.step))  # fmt: skip
             stopping = stop.should_stop(accelerator)
             if progress.step % eval_every == 0 or progress.step >= total_steps or stopping:
                 last_metrics = evaluate_now()
-                value = last_metrics[cfg.select_metric]
+                value = last_metrics["selection"]
                 if value > progress.best_metric:
                     progress.best_metric = value
+                    progress.best_retention = last_metrics.get(f"retention_{cfg.select_metric}")
                     progress.evals_without_improvement = 0
                     save("best", last_metrics)
                 else:
@@ -476,6 +591,10 @@ def _run(
             progress.epoch += 1
             progress.batch_in_epoch = 0
 
+    if cfg.estimate:
+        return _report_estimate(cfg, events, printer, entered, run_start, step_times,
+                                eval_seconds, total_steps, eval_every)  # fmt: skip
+
     # Phase 5: final checkpoint, epoch summary, curves, export.
     if progress.batch_in_epoch:
         _end_epoch(events, progress, last_metrics, cache, is_main_rank)
@@ -485,10 +604,46 @@ def _run(
         events.save_history()
         if cfg.export_model and cfg.model.train_all:
             _export_best(cfg, loaded, core)
+    warning = replay.retention_warning(progress.retention_before, progress.best_retention,
+                                       cfg.retention_margin)  # fmt: skip
+    if warning:
+        events.emit("warning", kind="retention", message=warning,
+                    before=progress.retention_before, after=progress.best_retention)  # fmt: skip
     events.emit("end", status=status, error=None, step=progress.step,
-                best_metric=progress.best_metric,
+                best_metric=progress.best_metric, warning=warning,
+                retention_before=progress.retention_before,
+                retention_best=progress.best_retention,
                 peak_memory_mb=round(peak_memory_mb(device), 1))  # fmt: skip
-    return status
+    return TrainResult(status, warning)
+
+
+ESTIMATE_STEPS = 3  # --estimate times this many optimizer steps, after a first one
+
+
+def _report_estimate(
+    cfg: TrainConfig, events: EventLog, printer: ProgressPrinter, entered: float,
+    loop_start: float, step_times: list[float], eval_seconds: float, total_steps: int,
+    eval_every: int,
+) -> TrainResult:  # fmt: skip
+    """--estimate: the run's duration from its measured start-up, evaluation and steps. The
+    first step is left out (it also pays one-time costs); later steps of a first epoch still
+    encode their images for the first time, as the real run's do."""
+    if len(step_times) < 2:
+        raise ConfigError("--estimate needs at least two optimizer steps of data")
+    step_s = (step_times[-1] - step_times[0]) / (len(step_times) - 1)
+    evaluations = total_steps // eval_every + (1 if total_steps % eval_every else 0)
+    startup_s = loop_start - entered
+    total_s = startup_s + step_s * total_steps + eval_seconds * evaluations
+    estimate = {
+        "startup_s": round(startup_s, 2), "step_s": round(step_s, 4),
+        "eval_s": round(eval_seconds, 2), "total_steps": total_steps,
+        "evaluations": evaluations, "total_s": round(total_s, 1),
+        "loop_start_time": round(time.time() - (time.monotonic() - loop_start), 3),
+    }  # fmt: skip
+    events.emit("estimate", **estimate)
+    printer.line(json.dumps(estimate))
+    events.emit("end", status="estimated", error=None, step=0, warning=None)
+    return TrainResult("estimated")
 
 
 def encode_every_image(
@@ -528,6 +683,12 @@ def _num(value) -> float | None:
 def _loss_terms(out) -> dict[str, float | None]:
     """Every `*_loss` term of a forward's output (LISA's, plus a recipe's)."""
     return {f.name: _num(getattr(out, f.name)) for f in fields(out) if f.name.endswith("_loss")}
+
+
+def _mask_side_parameters(model) -> list[torch.nn.Parameter]:
+    """The [SEG] projection and SAM's mask decoder (what --mask-lr-scale scales)."""
+    parts = (model.text_hidden_fcs, model.sam.mask_decoder)
+    return [p for part in parts for p in part.parameters()]
 
 
 def _encoder_parameters(model) -> list[torch.nn.Parameter]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,12 +80,6 @@ def load_examples(folder: Path) -> list[list[str | None]]:
     return examples
 
 
-def probability_to_logit(probability: float) -> float:
-    """The mask threshold on SAM's logits for a probability threshold (0.5 -> 0.0)."""
-    p = min(max(float(probability), 0.001), 0.999)
-    return math.log(p / (1.0 - p))
-
-
 def make_segment_handler(registry: ModelRegistry):
     """The `segment` event handler bound to a model registry."""
 
@@ -105,8 +98,20 @@ def make_segment_handler(registry: ModelRegistry):
         threshold: float = DEFAULT_PROBABILITY,
         model: str | None = None,
     ) -> tuple:
-        """Segment what the answer to `query` names; threshold is a mask probability."""
-        from lisa_demo.infer.pipeline import InputError, check_query, load_image
+        """Segment what the answer to `query` names.
+
+        threshold: the mask probability (0 to 1) above which a pixel is in a mask; the model
+        gets it as a logit on SAM's mask logits, log(p / (1 - p)) (0.5 -> 0.0).
+        model: the Model dropdown's value or the label it shows.
+        Returns the overlay, the answer, details (prose), the per-mask table, the mask PNGs
+        (mask_1.png, ...) and the timings in seconds as a JSON object.
+        """
+        from lisa_demo.infer.pipeline import (
+            InputError,
+            check_query,
+            load_image,
+            probability_to_logit,
+        )
 
         try:
             if not query or not query.strip():
@@ -131,17 +136,21 @@ def make_segment_handler(registry: ModelRegistry):
 
 
 def render_result(image: Any, result: Any, gt: results.GroundTruth | None) -> tuple:
-    """Values for (overlay, answer, details, table, files)."""
-    notes = [gt.note] if gt is not None and gt.note else []
+    """Values for (overlay, answer, details, table, files, timings): the first few masks when
+    the answer has many, and one line about the rest."""
+    masks, rest = results.shown_masks(result.masks)
+    notes = [rest] if rest else []
+    notes += [gt.note] if gt is not None and gt.note else []
     if gt is None:
         notes.append("Add a ground-truth mask to see the true IoU and Dice of each mask.")
-    files = results.write_mask_pngs(result.masks, results.fresh_mask_dir())
+    files = results.write_mask_pngs(masks, results.fresh_mask_dir())
     return (
-        results.overlay(image, result.masks),
+        results.overlay(image, masks),
         result.answer,
         results.details_text(result, notes),
-        results.mask_table(result.masks, gt),
+        results.mask_table(masks, gt),
         files,
+        {key: round(float(value), 4) for key, value in (result.timings or {}).items()},
     )
 
 
@@ -184,6 +193,7 @@ def build_inference_tab(registry: ModelRegistry, examples_dir: Path) -> Inferenc
                         "Ground-truth mask",
                         sources=["upload", "clipboard"],
                         height=220,
+                        elem_id="ground-truth-mask",
                     )
                     gr.Markdown("Non-zero pixels are the object (or opaque ones, if transparent).")
                 with gr.Tab("Draw on the image"):
@@ -208,7 +218,9 @@ def build_inference_tab(registry: ModelRegistry, examples_dir: Path) -> Inferenc
                 )
         with gr.Column(scale=1):
             status = gr.Markdown(registry.status(), label="Model status", elem_id="model-status")
-            overlay = gr.AnnotatedImage(label="Masks", height=420)
+            overlay = gr.AnnotatedImage(
+                label="Masks", height=420, color_map=results.colour_map(), elem_id="overlay"
+            )
             answer = gr.Textbox(label="Answer", interactive=False, lines=2)
             details = gr.Markdown(label="Details", elem_id="segment-details")
             table = gr.Dataframe(
@@ -218,11 +230,23 @@ def build_inference_tab(registry: ModelRegistry, examples_dir: Path) -> Inferenc
                 elem_id="mask-table",
             )
             files = gr.File(label="Masks as PNG", file_count="multiple", interactive=False)
+            with gr.Accordion("Timings (JSON)", open=False):
+                timings = gr.JSON(label="Seconds per stage", elem_id="segment-timings")
 
     image.change(lambda path: path, inputs=image, outputs=gt_drawing, api_visibility="private")
+    # A new image from the user (upload, paste, webcam, clear) makes the ground truth of the
+    # previous one meaningless: clear it. Examples set image and mask together and fire
+    # none of these, so their masks stay.
+    gr.on(
+        [image.upload, image.clear, image.input],
+        lambda: None,
+        outputs=gt_mask,
+        api_visibility="private",
+        queue=False,
+    )
     segment = make_segment_handler(registry)
     inputs = [image, query, gt_mask, gt_drawing, threshold, model]
-    outputs = [overlay, answer, details, table, files]
+    outputs = [overlay, answer, details, table, files, timings]
     run.click(
         segment,
         inputs=inputs,

@@ -442,6 +442,8 @@ class ModelRegistry:
         if not key:
             raise ModelUnavailable(self.status() or "Choose a model in the Model dropdown.")
         specs = {spec.key: spec for spec in self.specs()}
+        by_label = {spec.label: spec.key for spec in specs.values()}
+        key = key if key in specs else by_label.get(key, key)  # the label the dropdown shows
         if key not in specs:
             known = ", ".join(specs) or "none"
             raise ModelUnavailable(f"Unknown model {key!r}; choose one of: {known}.")

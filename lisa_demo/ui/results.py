@@ -29,6 +29,11 @@ ASPECT_TOLERANCE = 0.02
 TABLE_COLUMNS = ["mask", "confidence (SAM IoU)", "area %"]
 GT_COLUMNS = ["true IoU", "Dice"]
 NOTHING_TO_SEGMENT = "The model found nothing to segment: its answer has no [SEG] token."
+MAX_SHOWN_MASKS = 4  # an answer that repeats [SEG] gives dozens: the rest get one line
+# Okabe and Ito's colour-blind-safe palette, red-free at the start; each mask also gets a
+# white-and-black outline drawn into the image, which stays visible on any colour.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#F0E442", "#D55E00")
+OUTLINE_COLOURS = ((255, 255, 255), (0, 0, 0))  # RGB: a wide white line under a thin black one
 STAGES = (
     ("image_encoding", "image encoding"),
     ("generation", "generation"),
@@ -136,8 +141,29 @@ def ground_truth(
     return GroundTruth(mask.astype(np.uint8), note)
 
 
-def mask_label(index: int, score: float) -> str:
-    return f"[SEG] {index + 1} (score {score:.2f})"
+def mask_label(index: int) -> str:
+    """The legend label of the mask at 0-based `index`: masks are numbered from 1, as in the
+    table, the PNG files (mask_1.png) and the CLI."""
+    return f"mask {index + 1}"
+
+
+def colour_map() -> dict[str, str]:
+    """Legend label -> palette colour for every mask the page shows (gr.AnnotatedImage's
+    color_map; fixed labels keep the API's overlay value a plain image and annotations)."""
+    return {mask_label(i): PALETTE[i % len(PALETTE)] for i in range(MAX_SHOWN_MASKS)}
+
+
+def shown_masks(masks: list[Any]) -> tuple[list[Any], str | None]:
+    """The masks the page shows (the first MAX_SHOWN_MASKS) and one line about the others."""
+    if len(masks) <= MAX_SHOWN_MASKS:
+        return list(masks), None
+    rest = masks[MAX_SHOWN_MASKS:]
+    empty = sum(1 for m in rest if not np.asarray(m.mask).any())
+    return list(masks[:MAX_SHOWN_MASKS]), (
+        f"Showing the first {MAX_SHOWN_MASKS} of {len(masks)} masks; the other {len(rest)} "
+        f"({empty} of them empty) come from an answer that repeats [SEG], which is the "
+        "model's output going wrong, not the threshold."
+    )
 
 
 def mask_table(masks: list[Any], gt: GroundTruth | None) -> pd.DataFrame:
@@ -160,16 +186,23 @@ def display_scale(shape: tuple[int, ...], max_side: int = DISPLAY_MAX_SIDE) -> f
 
 
 def overlay(image: np.ndarray, masks: list[Any]) -> tuple[np.ndarray, list[tuple[np.ndarray, str]]]:
-    """(image, [(float mask in [0, 1], label), ...]) for gr.AnnotatedImage, at display size."""
+    """(image, [(float mask in [0, 1], label), ...]) for gr.AnnotatedImage, at display size.
+
+    The image is a new array with each mask's outline drawn in (white under black), so that a
+    mask stays visible whatever the colour of its object; the input is not modified."""
     scale = display_scale(image.shape)
     size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    shown = image if scale == 1.0 else cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    shown = image.copy() if scale == 1.0 else cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     layers = []
+    width = max(1, round(max(size) / 300))  # outline width grows with the displayed image
     for i, result in enumerate(masks):
         mask = np.asarray(result.mask, dtype=np.uint8)
         if scale != 1.0:
             mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
-        layers.append((mask.astype(np.float32), mask_label(i, float(result.score))))
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        for colour, thickness in zip(OUTLINE_COLOURS, (2 * width + 1, width), strict=True):
+            cv2.drawContours(shown, contours, -1, colour, thickness)
+        layers.append((mask.astype(np.float32), mask_label(i)))
     return shown, layers
 
 

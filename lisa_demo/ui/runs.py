@@ -44,7 +44,12 @@ PRESET_DEFAULT = "preset default"
 MAX_LOG_LINES = 1000
 POLL_S = 0.25
 LOSS_SERIES = ("loss", "ce_loss", "bce_loss", "dice_loss")
-EVAL_SERIES = (("giou", "gIoU"), ("ciou", "cIoU"))
+# The validation plot's two curves: the new data and the retention set (what the model knew).
+NEW_DATA, RETENTION = "new data gIoU", "retention gIoU"
+EVAL_SERIES = (("giou", NEW_DATA), ("retention_giou", RETENTION))
+STARTUP_STOP = "stopped before training began"
+ESTIMATE_DIR = ".estimates"  # scratch folders of duration estimates, inside the runs folder
+ESTIMATE_TIMEOUT_S = 600
 
 
 class RunBusy(RuntimeError):
@@ -95,6 +100,9 @@ class TrainRequest:
     pointing_weight: float = 0.0  # the pointing loss (0 = off); see lisa_demo.train.pretrain
     train_projector: bool = False  # LLaVA's multimodal projector trains too
     lora_dropout: float = ModelConfig.lora_dropout  # on each LoRA layer's input (peft)
+    replay_share: float = 0.5  # share of each epoch from the base model's domain
+    replay_folder: str | None = None  # server folder of base-domain data (ReasonSeg layout)
+    retention_margin: float = 0.03  # gIoU the retention set may lose before the run warns
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -117,6 +125,10 @@ class TrainRequest:
             raise RunError(f"the pointing loss weight must be >= 0, got {self.pointing_weight}")
         if not 0.0 <= self.lora_dropout < 1.0:  # also refuses NaN
             raise RunError(f"LoRA dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.replay_share < 1.0:
+            raise RunError(f"the replay share must be in [0, 1), got {self.replay_share}")
+        if not self.retention_margin >= 0:
+            raise RunError(f"the retention margin must be >= 0, got {self.retention_margin}")
 
     def trainer_args(self, output_dir: Path, dataset: Path | None) -> list[str]:
         """The trainer's command-line arguments (without the launcher)."""
@@ -147,6 +159,10 @@ class TrainRequest:
         args += ["--max-train-samples", str(int(self.max_train_samples))]
         args += ["--max-val-samples", str(int(self.max_val_samples))]
         args += ["--lr-scheduler", self.lr_scheduler, "--eval-every", str(int(self.eval_every))]
+        args += ["--replay-share", repr(float(self.replay_share))]
+        args += ["--retention-margin", repr(float(self.retention_margin))]
+        if self.replay_folder:
+            args += ["--replay-dir", self.replay_folder]
         if self.train_projector:
             args += ["--train-projector"]
         if self.pointing_weight > 0:
@@ -242,6 +258,10 @@ class RunState:
     losses: list[tuple[int, str, float]] = field(default_factory=list)
     evals: list[tuple[int, str, float]] = field(default_factory=list)
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict)
+    scores: dict[int, dict] = field(default_factory=dict)  # step -> eval event (step 0: before)
+    before: dict | None = None  # the evaluation before the first step
+    warnings: list[str] = field(default_factory=list)  # shown on the page until the next run
+    replay: str | None = None  # where replay and retention data come from, one line
     exited: bool = False  # the trainer process is gone (final state)
     version: int = 0
 
@@ -261,11 +281,16 @@ class RunState:
         self.status = "running"
         self.total_steps = int(e["total_steps"]) if _number(e.get("total_steps")) else None
         data = e.get("dataset") if isinstance(e.get("dataset"), dict) else {}
+        replayed = _number(data.get("replay"))
+        mixed = f" ({_fmt(data.get('new'))} new + {replayed:.0f} replay)" if replayed else ""
         self.add_line(
-            f"started: {data.get('train', '?')} train / {data.get('val', '?')} val samples, "
-            f"{_fmt(e.get('trainable_params'), ',.0f')} trainable parameters, "
-            f"{self.total_steps or '?'} steps"
+            f"started: {data.get('train', '?')} train samples per epoch{mixed} / "
+            f"{data.get('val', '?')} val, {_fmt(e.get('trainable_params'), ',.0f')} trainable "
+            f"parameters, {self.total_steps or '?'} steps"
         )
+        if isinstance(data.get("replay_plan"), str):
+            self.replay = data["replay_plan"]
+            self.add_line(self.replay)
 
     def _on_log(self, e: dict) -> None:
         self.status = "running"
@@ -288,16 +313,32 @@ class RunState:
         )
 
     def _on_eval(self, e: dict) -> None:
-        step = int(e.get("step") or self.step)
+        step = int(e.get("step") or 0)
         for key, name in EVAL_SERIES:
             value = _number(e.get(key))
             if value is not None:
                 self.evals.append((step, name, value))
-        self.add_line(
-            f"validation @ step {step}: gIoU {_fmt(e.get('giou'), '.3f')} · "
+        self.scores[step] = e
+        if e.get("before") is True:
+            self.before = e
+        when = "before training" if e.get("before") is True else f"@ step {step}"
+        line = (
+            f"validation {when}: gIoU {_fmt(e.get('giou'), '.3f')} · "
             f"cIoU {_fmt(e.get('ciou'), '.3f')} · [SEG] rate {_fmt(e.get('seg_rate'), '.2f')} "
             f"(n={e.get('n', '?')})"
         )
+        if _number(e.get("retention_giou")) is not None:
+            line += (
+                f" · retention gIoU {_fmt(e.get('retention_giou'), '.3f')} · cIoU "
+                f"{_fmt(e.get('retention_ciou'), '.3f')} (n={e.get('retention_n', '?')})"
+            )
+        self.add_line(line)
+
+    def _on_warning(self, e: dict) -> None:
+        message = str(e.get("message") or "")
+        if message and message not in self.warnings:
+            self.warnings.append(message)
+            self.add_line(f"warning: {message}")
 
     def _on_checkpoint(self, e: dict) -> None:
         kind = str(e.get("kind") or "last")
@@ -314,6 +355,8 @@ class RunState:
         self.ended = _number(e.get("time")) or time.time()
         if _number(e.get("step")) is not None:
             self.step = int(e["step"])
+        if e.get("warning"):
+            self._on_warning({"message": e["warning"]})
         line = f"run {self.status} at step {self.step}"
         self.add_line(f"{line}: {self.error}" if self.error else line)
 
@@ -336,11 +379,52 @@ class RunState:
             if eta is not None:
                 parts.append(f"about {format_duration(eta)} left")
         text = f"Run `{self.run_id}`: " + " · ".join(parts)
+        for warning in self.warnings:
+            text += f"\n\n**Warning: {warning}**"
         if self.summary:
             text += f"\n\nData: {self.summary}"
+        if self.replay:
+            text += f"\n\nReplay and retention: {self.replay}"
+        table = self.scores_markdown()
+        if table:
+            text += f"\n\n{table}"
         if self.error:
             text += f"\n\n**Error:** {self.error}"
         return text
+
+    def best_scores(self) -> dict | None:
+        """The evaluation of the best checkpoint (its step's eval event), if known."""
+        best = self.checkpoints.get("best")
+        return None if best is None or best.step is None else self.scores.get(best.step)
+
+    def scores_markdown(self) -> str:
+        """gIoU / cIoU on both validation sets: before the run, at the latest evaluation and
+        at the best checkpoint (what "Use in Inference" loads)."""
+        if not self.scores:
+            return ""
+        latest_step = max(self.scores)
+        columns = [("before", self.before)]
+        if latest_step or self.before is None:
+            columns.append((f"step {latest_step}", self.scores[latest_step]))
+        best = self.best_scores()
+        if best is not None:
+            columns.append((f"best (step {best.get('step')})", best))
+        rows = [("new data", ""), ("retention", "retention_")]
+        lines = [
+            "| gIoU / cIoU | " + " | ".join(name for name, _ in columns) + " |",
+            "|---|" + "---:|" * len(columns),
+        ]
+        for label, prefix in rows:
+            if prefix and not any(e and f"{prefix}giou" in e for _, e in columns):
+                continue
+            cells = [
+                f"{_fmt(e.get(f'{prefix}giou'), '.3f')} / {_fmt(e.get(f'{prefix}ciou'), '.3f')}"
+                if e
+                else "–"
+                for _, e in columns
+            ]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
 
     def log_text(self) -> str:
         return "\n".join(self.log_lines)
@@ -481,6 +565,11 @@ class TrainingRun:
                     state.status, state.error = "stopped", self._killed_message()
                 elif returncode == 0:
                     state.status = "finished"
+                elif self.stop_requested and returncode == -signal.SIGTERM:
+                    # SIGTERM arrived before the trainer set up its handler (while it was
+                    # still importing or loading): the stop the user asked for, not a failure.
+                    state.status = "stopped"
+                    state.add_line(STARTUP_STOP)
                 else:
                     state.status = "failed"
                     state.error = f"the trainer exited with code {returncode}: {self._log_tail()}"
@@ -614,6 +703,22 @@ class TrainingManager:
         state.add_line(f"launched: {' '.join(command[1:])}")
         return TrainingRun(state, process, settings.stop_timeout_s)
 
+    def estimate(self, settings: AppSettings, request: TrainRequest) -> dict:
+        """Time the request's run without training it (the trainer's --estimate): RunBusy
+        while a run is in progress (it would slow both and skew the measure)."""
+        with self._lock:
+            if self._starting or (self.run is not None and self.run.alive):
+                raise RunBusy(
+                    "A training run is in progress: its progress line gives the time left. "
+                    "Estimate after it ends."
+                )
+            self._starting = True
+        try:
+            return estimate_run(settings, request)
+        finally:
+            with self._lock:
+                self._starting = False
+
     def snapshot(self) -> RunState | None:
         run = self.run
         return None if run is None else run.snapshot()
@@ -631,11 +736,71 @@ class TrainingManager:
             _signal_group(run.process.pid, signal.SIGTERM)
 
 
-def _spawn(command: list[str], run_dir: Path) -> subprocess.Popen:
+def estimate_run(settings: AppSettings, request: TrainRequest) -> dict:
+    """Run the trainer with --estimate on these settings in a scratch folder of the runs
+    folder (removed afterwards) and return its estimate, with the start-up measured from the
+    launch (Python and library imports included) and the total recomputed from it."""
+    scratch = _new_run_dir(settings.runs_dir / ESTIMATE_DIR)
+    try:
+        try:
+            dataset, _ = _prepare_data(request, scratch)
+        except ArchiveError as err:
+            raise RunError(str(err)) from err
+        args = [*request.trainer_args(scratch / "run", dataset), "--estimate"]
+        if request.preset == settings.preset:
+            for name in ("llava", "sam"):
+                if getattr(settings, name):
+                    args += [f"--{name}", getattr(settings, name)]
+        command = trainer_command(args, settings.trainer_module, settings.trainer_launcher)
+        launched = time.time()
+        try:
+            done = subprocess.run(
+                command, cwd=PROJECT_ROOT, env=_trainer_env(), stdin=subprocess.DEVNULL,
+                capture_output=True, text=True, timeout=ESTIMATE_TIMEOUT_S,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as err:
+            raise RunError(f"the estimate took more than {ESTIMATE_TIMEOUT_S} s") from err
+        events = EventReader(scratch / "run" / EVENTS_FILE).read()
+        found = [e for e in events if e["event"] == "estimate"]
+        if not found:
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+            ended = [e for e in events if e["event"] == "end" and e.get("error")]
+            raise RunError(f"could not estimate: {ended[-1]['error'] if ended else tail}")
+        estimate = dict(found[-1])
+        startup = max(0.0, float(estimate["loop_start_time"]) - launched)
+        estimate["startup_s"] = round(startup, 1)
+        estimate["total_s"] = round(
+            startup
+            + float(estimate["step_s"]) * int(estimate["total_steps"])
+            + float(estimate["eval_s"]) * int(estimate["evaluations"]),
+            1,
+        )
+        return estimate
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def estimate_markdown(estimate: dict) -> str:
+    """One paragraph: the estimated duration and what it is made of."""
+    return (
+        f"**Estimated duration: about {format_duration(estimate['total_s'])}** on this machine "
+        f"now: start-up {format_duration(estimate['startup_s'])} (data, model, the evaluation "
+        f"before training), {estimate['total_steps']} steps of {estimate['step_s']:.2f} s "
+        f"(measured on a few steps just now) and {estimate['evaluations']} evaluations of "
+        f"{estimate['eval_s']:.1f} s. Other work on this machine makes it longer."
+    )
+
+
+def _trainer_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
     )
+    return env
+
+
+def _spawn(command: list[str], run_dir: Path) -> subprocess.Popen:
+    env = _trainer_env()
     with (run_dir / TRAINER_LOG).open("ab") as output:
         return subprocess.Popen(
             command,

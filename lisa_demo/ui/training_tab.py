@@ -3,6 +3,7 @@ checkpoints."""
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from lisa_demo.ui.runs import (
     RunState,
     TrainingManager,
     TrainRequest,
+    estimate_markdown,
 )
 from lisa_demo.ui.settings import DEFAULT_PRESET, AppSettings
 
@@ -51,7 +53,18 @@ DEFAULT_RUN = {
     "batch_size": 8, "eval_every": 210, "max_val_samples": 40, "lora_rank": 16,
     "lora_targets": list(LORA_TARGETS), "explained_answers": True, "pointing_weight": 0.0,
     "train_projector": True, "lora_dropout": ModelConfig.lora_dropout,
+    "replay_share": TrainRequest.replay_share, "retention_margin": TrainRequest.retention_margin,
 }  # fmt: skip
+# gradio's own autoscroll only follows a textbox whose content is under 100 px taller than
+# the box, so the log box is scrolled to its newest line in the page after each update.
+FOLLOW_LOG_JS = """() => { requestAnimationFrame(() => {
+    const box = document.querySelector("#training-log textarea");
+    if (box) { box.scrollTop = box.scrollHeight; }
+}); }"""
+ESTIMATE_HINT = (
+    "Estimate duration times the start-up and a few steps of these settings on this machine "
+    "(about half a minute for the bundled model)."
+)
 NO_RUN = "No training run yet. Choose data and settings, then press Start."
 ZIP_HELP = (
     "A .zip with train/ and val/ folders of NAME.jpg + NAME.json pairs (ReasonSeg layout), or "
@@ -165,6 +178,80 @@ def _concept(value: str | None) -> str | None:
     return None if not value or value == NO_CONCEPT else value
 
 
+def build_request(
+    settings: AppSettings,
+    source: str = "synthetic",
+    synthetic_scenes: float = 64,
+    hold_out_concept: str | None = None,
+    focus_concept: str | None = None,
+    dataset_zip: str | None = None,
+    server_folder: str | None = None,
+    preset: str = DEFAULT_PRESET,
+    train_for: str = "steps",
+    epochs: float = 1,
+    max_steps: float = 50,
+    learning_rate: float = 3e-4,
+    lora_rank: float = 8,
+    lora_targets: list[str] | None = None,
+    batch_size: float = 2,
+    grad_accum: float = 1,
+    max_train_samples: float = 0,
+    max_val_samples: float = 0,
+    lr_scheduler: str = "cosine",
+    precision: str = PRESET_DEFAULT,
+    quantization: str = PRESET_DEFAULT,
+    eval_every: float = 0,
+    explained_answers: bool = False,
+    pointing_weight: float = 0.0,
+    train_projector: bool = False,
+    lora_dropout: float = TrainRequest.lora_dropout,
+    replay_share: float = TrainRequest.replay_share,
+    retention_margin: float = TrainRequest.retention_margin,
+    replay_folder: str | None = None,
+) -> TrainRequest:
+    """The tab's controls (in the order of TRAIN_INPUTS) as a TrainRequest; gr.Error when
+    they ask for something this app does not allow or that cannot work."""
+    server_folders = source == "folder" or (replay_folder or "").strip()
+    if server_folders and not settings.allow_server_paths:
+        raise gr.Error("Server folders are disabled; upload a .zip instead.")
+    try:
+        return TrainRequest(
+            model=training_model_folder(settings, preset),
+            source=source,
+            synthetic_n=int(synthetic_scenes or 0),
+            exclude_concept=_concept(hold_out_concept),
+            focus_concept=_concept(focus_concept),
+            zip_path=dataset_zip,
+            folder_path=(server_folder or "").strip() or None,
+            preset=preset,
+            length=train_for,
+            epochs=int(epochs or 0),
+            max_steps=int(max_steps or 0),
+            learning_rate=float(learning_rate),
+            lora_r=int(lora_rank),
+            lora_targets=tuple(lora_targets or ()),
+            batch_size=int(batch_size),
+            grad_accum=int(grad_accum),
+            max_train_samples=int(max_train_samples or 0),
+            max_val_samples=int(max_val_samples or 0),
+            lr_scheduler=lr_scheduler,
+            precision=precision,
+            quantization=quantization,
+            eval_every=int(eval_every or 0),
+            explained_answers=bool(explained_answers),
+            pointing_weight=float(pointing_weight or 0),
+            train_projector=bool(train_projector),
+            lora_dropout=float(0 if lora_dropout is None else lora_dropout),
+            replay_share=float(replay_share or 0),
+            retention_margin=float(0 if retention_margin is None else retention_margin),
+            replay_folder=(replay_folder or "").strip() or None,
+        )
+    except RunError as err:
+        raise gr.Error(str(err)) from err
+    except (TypeError, ValueError) as err:
+        raise gr.Error(f"Invalid training settings: {err}") from err
+
+
 def make_train_handler(settings: AppSettings, manager: TrainingManager):
     """The streaming `train` handler: start a run, then follow it."""
 
@@ -194,48 +281,47 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
         pointing_weight: float = 0.0,
         train_projector: bool = False,
         lora_dropout: float = TrainRequest.lora_dropout,
+        replay_share: float = TrainRequest.replay_share,
+        retention_margin: float = TrainRequest.retention_margin,
+        replay_folder: str | None = None,
     ) -> Iterator[tuple]:
-        if source == "folder" and not settings.allow_server_paths:
-            raise gr.Error("Server folders are disabled; upload a .zip instead.")
+        request = build_request(
+            settings, source, synthetic_scenes, hold_out_concept, focus_concept, dataset_zip,
+            server_folder, preset, train_for, epochs, max_steps, learning_rate, lora_rank,
+            lora_targets, batch_size, grad_accum, max_train_samples, max_val_samples,
+            lr_scheduler, precision, quantization, eval_every, explained_answers,
+            pointing_weight, train_projector, lora_dropout, replay_share, retention_margin,
+            replay_folder,
+        )  # fmt: skip
         try:
-            request = TrainRequest(
-                model=training_model_folder(settings, preset),
-                source=source,
-                synthetic_n=int(synthetic_scenes or 0),
-                exclude_concept=_concept(hold_out_concept),
-                focus_concept=_concept(focus_concept),
-                zip_path=dataset_zip,
-                folder_path=(server_folder or "").strip() or None,
-                preset=preset,
-                length=train_for,
-                epochs=int(epochs or 0),
-                max_steps=int(max_steps or 0),
-                learning_rate=float(learning_rate),
-                lora_r=int(lora_rank),
-                lora_targets=tuple(lora_targets or ()),
-                batch_size=int(batch_size),
-                grad_accum=int(grad_accum),
-                max_train_samples=int(max_train_samples or 0),
-                max_val_samples=int(max_val_samples or 0),
-                lr_scheduler=lr_scheduler,
-                precision=precision,
-                quantization=quantization,
-                eval_every=int(eval_every or 0),
-                explained_answers=bool(explained_answers),
-                pointing_weight=float(pointing_weight or 0),
-                train_projector=bool(train_projector),
-                lora_dropout=float(0 if lora_dropout is None else lora_dropout),
-            )
             manager.start(settings, request)
         except (RunBusy, RunError) as err:
             raise gr.Error(str(err)) from err
-        except (TypeError, ValueError) as err:
-            raise gr.Error(f"Invalid training settings: {err}") from err
         except OSError as err:
             raise gr.Error(f"Could not start the trainer: {err}") from err
         yield from follow(manager)
 
     return train
+
+
+def make_estimate_handler(settings: AppSettings, manager: TrainingManager):
+    """The handler that measures a few steps of the chosen run and estimates its duration."""
+
+    def estimate_duration(*values: object) -> str:
+        request = build_request(settings, *values)  # type: ignore[arg-type]
+        try:
+            return estimate_markdown(manager.estimate(settings, request))
+        except (RunBusy, RunError) as err:
+            raise gr.Error(str(err)) from err
+        except OSError as err:
+            raise gr.Error(f"Could not start the trainer: {err}") from err
+
+    # The API names its parameters after the signature: the same as /train's.
+    signature = inspect.signature(build_request)
+    estimate_duration.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=list(signature.parameters.values())[1:], return_annotation=str
+    )
+    return estimate_duration
 
 
 def training_model_config(
@@ -454,6 +540,27 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
                         "the base never saw",
                     )
                 with gr.Row():
+                    replay_share = gr.Number(
+                        DEFAULT_RUN["replay_share"],
+                        label="Replay share",
+                        info="share of each epoch drawn from what the model already knew "
+                        "(the bundled model's synthetic scenes, or the replay folder); 0 = none",
+                        minimum=0,
+                        maximum=0.95,
+                    )
+                    retention_margin = gr.Number(
+                        DEFAULT_RUN["retention_margin"],
+                        label="Retention margin (gIoU)",
+                        info="the run warns when the best checkpoint lost more than this on "
+                        "the retention set",
+                        minimum=0,
+                    )
+                    replay_folder = gr.Textbox(
+                        label="Replay folder on the server",
+                        placeholder="/data/base-domain (train/ replayed, val/ for retention)",
+                        visible=settings.allow_server_paths,
+                    )
+                with gr.Row():
                     batch_size = gr.Number(
                         DEFAULT_RUN["batch_size"], label="Batch size", precision=0, minimum=1
                     )
@@ -483,9 +590,11 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
                     )
             memory = gr.Markdown(elem_id="training-memory")
             with gr.Row():
+                estimate = gr.Button("Estimate duration")
                 start = gr.Button("Start training", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
                 use = gr.Button("Use in Inference")
+            duration = gr.Markdown(ESTIMATE_HINT, elem_id="training-estimate")
             notice = gr.Markdown(label="Status", elem_id="training-notice")
         with gr.Column(scale=3):
             progress = gr.Markdown(NO_RUN, label="Progress", elem_id="training-progress")
@@ -493,11 +602,13 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
                 loss_plot = gr.LinePlot(
                     x="step", y="value", color="series", label="Training loss", elem_id="loss-plot"
                 )
-                eval_plot = gr.LinePlot(
+                # Points, not lines: a line needs two evaluations, and the first one (before
+                # the first step) should show at once.
+                eval_plot = gr.ScatterPlot(
                     x="step",
                     y="value",
                     color="series",
-                    label="Validation gIoU / cIoU",
+                    label="Validation gIoU: new data and retention",
                     elem_id="eval-plot",
                     y_lim=[0, 1],
                 )
@@ -507,6 +618,7 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
             checkpoints = gr.File(label="Checkpoints (.zip)", file_count="multiple")
 
     outputs = [log, progress, loss_plot, eval_plot, checkpoints]
+    log.change(None, js=FOLLOW_LOG_JS, api_visibility="private", queue=False)
     source.change(
         _source_visibility,
         inputs=source,
@@ -526,35 +638,46 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
         concurrency_limit=None,
         show_progress="hidden",
     )
+    train_inputs = [
+        source,
+        synthetic_n,
+        hold_out,
+        focus,
+        dataset_zip,
+        server_folder,
+        preset,
+        train_for,
+        epochs,
+        max_steps,
+        learning_rate,
+        lora_rank,
+        lora_targets,
+        batch_size,
+        grad_accum,
+        max_train,
+        max_val,
+        scheduler,
+        precision,
+        quantization,
+        eval_every,
+        explained,
+        pointing,
+        projector,
+        lora_dropout,
+        replay_share,
+        retention_margin,
+        replay_folder,
+    ]  # fmt: skip
+    estimate.click(
+        make_estimate_handler(settings, manager),
+        inputs=train_inputs,
+        outputs=duration,
+        api_name="estimate_training",
+        api_description="Measure a few steps of this run and estimate how long it takes here.",
+    )
     start.click(
         make_train_handler(settings, manager),
-        inputs=[
-            source,
-            synthetic_n,
-            hold_out,
-            focus,
-            dataset_zip,
-            server_folder,
-            preset,
-            train_for,
-            epochs,
-            max_steps,
-            learning_rate,
-            lora_rank,
-            lora_targets,
-            batch_size,
-            grad_accum,
-            max_train,
-            max_val,
-            scheduler,
-            precision,
-            quantization,
-            eval_every,
-            explained,
-            pointing,
-            projector,
-            lora_dropout,
-        ],  # fmt: skip
+        inputs=train_inputs,
         outputs=outputs,
         api_name="train",
         api_description="Start a training run and stream its log, curves and checkpoints.",

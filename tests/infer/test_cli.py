@@ -49,7 +49,7 @@ def test_json_output_and_mask_pngs(image_path, tmp_path, capsys, force_answer, m
     monkeypatch.setattr("lisa_demo.infer.pipeline.load_lisa", load_forced)
     out_dir = tmp_path / "masks"
     argv = ["--image", str(image_path), "--query", QUESTION, "--preset", "tiny-random"]
-    code = main([*argv, "--out-dir", str(out_dir), "--json", "--threshold=-1e9"])
+    code = main([*argv, "--out-dir", str(out_dir), "--json", "--threshold=1e-12"])
     out, err = capsys.readouterr()
     assert code == 0, err
     report = json.loads(out)
@@ -57,15 +57,15 @@ def test_json_output_and_mask_pngs(image_path, tmp_path, capsys, force_answer, m
     assert report["cache_hit"] is False
     assert set(report["timings"]) == {"image_encoding", "generation", "mask_decoding", "total"}
     assert "message" in report
-    assert [m["file"] for m in report["masks"]] == [
-        str(out_dir / "mask_0.png"),
-        str(out_dir / "mask_1.png"),
+    assert [(m["number"], m["file"]) for m in report["masks"]] == [
+        (1, str(out_dir / "mask_1.png")),
+        (2, str(out_dir / "mask_2.png")),
     ]
     for entry in report["masks"]:
         png = np.array(Image.open(entry["file"]))
         assert png.shape == (48, 64) and png.dtype == np.uint8
         assert set(np.unique(png)) <= {0, 255}
-        assert entry["area"] == int((png == 255).sum()) == 48 * 64  # threshold -1e9: all in
+        assert entry["area"] == int((png == 255).sum()) == 48 * 64  # probability 1e-12: all in
         assert entry["area_fraction"] == pytest.approx(1.0)
         assert isinstance(entry["score"], float)
 
@@ -78,6 +78,26 @@ def test_default_out_dir_and_human_summary(image_path, tmp_path, capsys, monkeyp
     assert code == 0, err
     assert out.startswith("answer: ") and "time: " in out
     assert (tmp_path / "outputs" / "scene").is_dir()
+
+
+def test_many_masks_are_printed_as_the_first_few_and_one_line(
+    image_path, tmp_path, capsys, force_answer, monkeypatch
+):
+    from lisa_demo.loading import load_lisa
+
+    def load_forced(*args, **kwargs):
+        loaded = load_lisa(*args, **kwargs)
+        force_answer(loaded, "Sure," + " [SEG] and" * 5 + " [SEG].")
+        return loaded
+
+    monkeypatch.setattr("lisa_demo.infer.pipeline.load_lisa", load_forced)
+    argv = ["--image", str(image_path), "--query", QUESTION, "--preset", "tiny-random"]
+    assert main([*argv, "--out-dir", str(tmp_path), "--threshold", "0.999999"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    numbered = [line.split(":")[0] for line in lines if line.startswith("mask ")]
+    assert numbered == ["mask 1", "mask 2", "mask 3", "mask 4"]
+    assert "... and 2 more masks (2 of them empty), also in the folder" in lines
+    assert sorted(p.name for p in tmp_path.glob("mask_*.png"))[0] == "mask_1.png"
 
 
 def test_bad_llava_prints_one_error_line_and_exits_2(image_path, tmp_path):
@@ -99,6 +119,8 @@ def test_bad_llava_prints_one_error_line_and_exits_2(image_path, tmp_path):
         (["--image", "MISSING", "--query", QUESTION], "not found"),
         (["--image", "IMAGE", "--query", "   "], "empty"),
         (["--image", "IMAGE", "--query", QUESTION, "--checkpoint", "NOPE"], "does not exist"),
+        (["--image", "IMAGE", "--query", QUESTION, "--threshold", "0"], "mask probability"),
+        (["--image", "IMAGE", "--query", QUESTION, "--threshold", "2"], "mask probability"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(argv, expected, image_path, tmp_path, capsys):

@@ -99,7 +99,31 @@ def test_threshold_selects_pixels_above_it(pipeline, tiny_loaded, force_answer, 
     np.testing.assert_array_equal(mid.mask, low.logits > cut)
     high = pipeline.segment(scene_image, QUESTION, threshold=1e9)
     assert not high.masks[0].mask.any()
-    assert "empty" in high.message and "threshold" in high.message
+    # Numbered from 1, the threshold said as a probability (a logit of 1e9 is 1.00).
+    assert high.message.startswith("Mask 1 is empty: no pixel has a mask probability above 1.00")
+    assert "try a lower threshold" in high.message
+
+
+def test_many_seg_tokens_are_called_degenerate_not_a_threshold_problem(
+    tiny_loaded, force_answer, scene_image
+):
+    force_answer(tiny_loaded, "Sure," + " [SEG] and" * 6 + " [SEG].")
+    pipeline = LisaPipeline(tiny_loaded, max_new_tokens=48)
+    result = pipeline.segment(scene_image, QUESTION, threshold=1e9)
+    assert len(result.masks) == result.answer.count("[SEG]") == 7
+    assert "The answer has 7 [SEG] tokens" in result.message
+    assert "7 of its masks are empty" in result.message
+    assert "try a lower threshold" not in result.message
+
+
+def test_probability_and_logit_thresholds_convert_both_ways():
+    from lisa_demo.infer.pipeline import logit_to_probability, probability_to_logit
+
+    assert probability_to_logit(0.5) == 0.0
+    assert probability_to_logit(0.9) == pytest.approx(np.log(9.0))
+    assert logit_to_probability(np.log(9.0)) == pytest.approx(0.9)
+    assert logit_to_probability(1e9) == 1.0 and logit_to_probability(-1e9) == 0.0
+    assert np.isfinite(probability_to_logit(0.0)) and np.isfinite(probability_to_logit(1.0))
 
 
 def test_second_query_on_same_image_hits_the_cache(

@@ -67,8 +67,13 @@ def test_short_run_writes_every_artifact(short_run: Path):
     events = read_events(short_run)
     assert events[0]["event"] == "start" and events[0]["trainable_params"] > 0
     assert [e["step"] for e in of(events, "log")] == [1, 2, 3, 4]
-    assert len(of(events, "eval")) == 2
-    assert all(0.0 <= e["giou"] <= 1.0 and 0.0 <= e["ciou"] <= 1.0 for e in of(events, "eval"))
+    # Before the first step, then every 2 steps; tiny-random has no domain of its own, so the
+    # retention set is every second validation image (3 images: 2 new-data, 1 retention).
+    evals = of(events, "eval")
+    assert [(e["step"], e["before"]) for e in evals] == [(0, True), (2, False), (4, False)]
+    assert all(0.0 <= e["giou"] <= 1.0 and 0.0 <= e["ciou"] <= 1.0 for e in evals)
+    assert all(e["n"] == 2 and e["retention_n"] == 1 for e in evals)
+    assert [w["kind"] for w in of(events, "warning")] == ["no_replay"]
     assert events[-1]["event"] == "end" and events[-1]["status"] == "finished"
     assert not list((short_run / "checkpoints").glob(".*")), "temporary folders left behind"
 
@@ -193,7 +198,8 @@ def test_two_process_accelerate_run_writes_one_set_of_artifacts(dataset, tmp_pat
     assert len(of(events, "start")) == 1 and events[0]["world_size"] == 2
     assert len(of(events, "end")) == 1 and events[-1]["status"] == "finished"
     evals = of(events, "eval")
-    assert evals and evals[-1]["n"] == 3  # val images split over 2 processes, summed back
+    # 2 new-data val images (the third is the retention set) split over 2 processes, summed
+    assert evals and evals[-1]["n"] == 2 and evals[-1]["retention_n"] == 1
 
 
 @pytest.mark.parametrize(
@@ -249,21 +255,29 @@ def test_resume_from_another_base_is_refused_in_one_clean_line(short_run, datase
     assert len(lines) == 1 and lines[0].startswith("error: ") and "made for" in lines[0], lines
 
 
-def test_eval_cli_scores_a_checkpoint_with_the_validation_code(short_run, dataset, capsys):
+def test_eval_cli_scores_a_checkpoint_with_the_validation_code(
+    short_run, dataset, capsys, tmp_path
+):
     from lisa_demo.eval import main as eval_main
 
+    # The run validated on the 1st and 3rd val images (the 2nd was its retention set).
+    val = tmp_path / "val"
+    val.mkdir()
+    for path in sorted((dataset / "val").iterdir()):
+        if path.stem.endswith(("00000", "00002")):
+            (val / path.name).symlink_to(path)
     best = short_run / "checkpoints" / "best"
     code = eval_main(
-        ["--dataset", str(dataset / "val"), "--checkpoint", str(best), "--preset", "tiny-random",
+        ["--dataset", str(val), "--checkpoint", str(best), "--preset", "tiny-random",
          "--json", "--seg-rate", "2"]
     )  # fmt: skip
     assert code == 0
     scores = json.loads(capsys.readouterr().out)
-    assert scores["n"] == 3 and 0.0 <= scores["giou"] <= 1.0 and 0.0 <= scores["ciou"] <= 1.0
+    assert scores["n"] == 2 and 0.0 <= scores["giou"] <= 1.0 and 0.0 <= scores["ciou"] <= 1.0
     assert scores["seg_rate_n"] == 2
     per_sample = json.loads((best / "eval_val.json").read_text())["per_sample"]
     assert (
-        len(per_sample) == 3 and {"image", "iou", "intersection", "union"} <= per_sample[0].keys()
+        len(per_sample) == 2 and {"image", "iou", "intersection", "union"} <= per_sample[0].keys()
     )
     # The same numbers as the run's own validation at the step it saved `best`.
     saved = json.loads((best / "trainer_state.json").read_text())["metrics"]
@@ -370,3 +384,21 @@ def test_resume_keeps_this_process_optimizer_implementation(tmp_path):
     assert not group["fused"]  # this optimizer's implementation
     state = next(iter(plain.state.values()))
     assert torch.equal(state["exp_avg"], next(iter(fused.state.values()))["exp_avg"])
+
+
+def test_estimate_times_a_few_steps_and_trains_nothing(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train_main(
+        ["--dataset", str(dataset), "--output-dir", str(out), *BASE, "--max-steps", "500",
+         "--eval-every", "100", "--seg-rate-samples", "0", "--estimate"]
+    )  # fmt: skip
+    assert code == 0
+    estimate = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert estimate["total_steps"] == 500 and estimate["evaluations"] == 5
+    assert estimate["step_s"] > 0 and estimate["eval_s"] > 0 and estimate["startup_s"] > 0
+    expected = estimate["startup_s"] + 500 * estimate["step_s"] + 5 * estimate["eval_s"]
+    assert estimate["total_s"] == pytest.approx(expected, abs=0.2)
+    events = read_events(out)
+    assert [e["event"] for e in events][-2:] == ["estimate", "end"]
+    assert events[-1]["status"] == "estimated"
+    assert not of(events, "log") and not (out / "checkpoints").exists()

@@ -32,7 +32,8 @@ def red_pixels(image: np.ndarray) -> np.ndarray:
 
 
 class FakeBackend:
-    """`segment` like LisaPipeline's: one mask (the red pixels) unless asked about "nothing"."""
+    """`segment` like LisaPipeline's: one mask (the red pixels); none when asked about
+    "nothing"; twelve (the red pixels, then eleven empty ones) when asked about "many"."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -51,4 +52,8 @@ class FakeBackend:
             return FakeResult("There is nothing like that here.", [], timings, cache_hit)
         mask = red_pixels(image)
         masks = [FakeMask(mask, 0.93, float(mask.mean()))]
+        if "many" in query.lower():  # degenerate output: the answer repeats [SEG]
+            empty = np.zeros_like(mask)
+            masks += [FakeMask(empty, 0.1, 0.0) for _ in range(11)]
+            return FakeResult("[SEG] " * 12, masks, timings, cache_hit, "12 [SEG] tokens")
         return FakeResult("It is the red square [SEG].", masks, timings, cache_hit)

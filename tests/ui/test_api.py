@@ -22,7 +22,7 @@ from tests.ui.conftest import EXAMPLE_QUERY, LaunchedApp, red_square_image
 # gradio itself opens the 10000x10000 upload's header, and PIL warns about its size.
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
-OVERLAY, ANSWER, DETAILS, TABLE, FILES = range(5)
+OVERLAY, ANSWER, DETAILS, TABLE, FILES, TIMINGS = range(6)
 LOG, PROGRESS, LOSS, EVAL, CHECKPOINTS = range(5)
 
 
@@ -62,7 +62,7 @@ def test_segment_example_returns_overlay_answer_table_and_pngs(fake_app: Launche
     out = fake_app.segment_example()
 
     annotations = out[OVERLAY]["annotations"]
-    assert [a["label"] for a in annotations] == ["[SEG] 1 (score 0.93)"]
+    assert [a["label"] for a in annotations] == ["mask 1"]
     assert "[SEG]" in out[ANSWER]
     table = out[TABLE]
     assert table["headers"] == ["mask", "confidence (SAM IoU)", "area %", "true IoU", "Dice"]
@@ -75,6 +75,30 @@ def test_segment_example_returns_overlay_answer_table_and_pngs(fake_app: Launche
     assert png.shape == (120, 160) and png[50, 70] == 255 and png[0, 0] == 0
     assert "Timings: image encoding" in out[DETAILS]
     assert "Image embeddings from cache:" in out[DETAILS]
+
+
+def test_timings_come_back_as_a_json_object_too(fake_app: LaunchedApp) -> None:
+    out = fake_app.segment_example()
+    assert out[TIMINGS] == {
+        "image_encoding": 0.01, "generation": 0.02, "mask_decoding": 0.01, "total": 0.04
+    }  # fmt: skip
+    assert "Timings: image encoding 0.01 s" in out[DETAILS]  # and the prose
+
+
+def test_model_argument_accepts_the_label_the_dropdown_shows(fake_app: LaunchedApp) -> None:
+    by_label = fake_app.segment_example(model="test backend")
+    by_key = fake_app.segment_example(model="backend")
+    assert by_label[TABLE]["data"] == by_key[TABLE]["data"]
+    assert by_label[TABLE]["data"][0][3] == 1.0
+
+
+def test_many_seg_output_shows_the_first_masks_and_one_line(fake_app: LaunchedApp) -> None:
+    out = fake_app.segment_example(query="Show me many things")
+    assert [row[0] for row in out[TABLE]["data"]] == [1, 2, 3, 4]
+    assert [Path(f["path"]).name for f in out[FILES]] == [f"mask_{i}.png" for i in (1, 2, 3, 4)]
+    assert len(out[OVERLAY]["annotations"]) == 4
+    assert "Showing the first 4 of 12 masks; the other 8 (8 of them empty)" in out[DETAILS]
+    assert "lower threshold" not in out[DETAILS]
 
 
 def test_second_question_on_same_image_reports_cache(fake_app: LaunchedApp) -> None:
@@ -210,7 +234,12 @@ def test_train_streams_updates_and_ends_with_checkpoints(
     assert "step 6/6" in final[LOG] and "validation @ step 6" in final[LOG]
     series = {row[1] for row in final[LOSS]["data"]}
     assert {"loss", "ce_loss", "bce_loss", "dice_loss"} <= series
-    assert {row[1] for row in final[EVAL]["data"]} == {"gIoU", "cIoU"}
+    # Two curves, from the evaluation before the first step on; before/best numbers.
+    assert {row[1] for row in final[EVAL]["data"]} == {"new data gIoU", "retention gIoU"}
+    assert min(row[0] for row in final[EVAL]["data"]) == 0
+    assert "| new data | 0.200 / 0.180 |" in final[PROGRESS]
+    assert "| retention | 0.800 / 0.760 |" in final[PROGRESS]
+    assert "Warning" not in final[PROGRESS]
     names = sorted(Path(f["path"]).name for f in final[CHECKPOINTS])
     run_id = TRAINING.snapshot().run_id
     assert names == [f"{run_id}-best.zip", f"{run_id}-last.zip"]
@@ -232,6 +261,30 @@ def test_train_streams_updates_and_ends_with_checkpoints(
     folder = fake_app.settings.runs_dir / run_id / "checkpoints" / "best"
     out = fake_app.segment_example(model=checkpoint_key(fake_app.settings.runs_dir, folder))
     assert out[TABLE]["data"][0][3] == 1.0
+
+
+def test_a_run_that_forgets_ends_with_a_warning_on_the_page(
+    fake_app: LaunchedApp, no_run_after, monkeypatch
+) -> None:
+    monkeypatch.setenv("FAKE_TRAINER_STEP_S", "0.05")
+    final = fake_app.client.predict(max_steps=4, learning_rate=0.05, api_name="/train")
+    assert "**finished**" in final[PROGRESS]
+    assert (
+        "**Warning: the model forgot: retention gIoU fell from 0.800 to 0.600**"
+        in (final[PROGRESS])
+    )
+    assert "warning: the model forgot" in final[LOG]
+
+
+def test_estimate_measures_the_chosen_settings_before_start(
+    fake_app: LaunchedApp, no_run_after, monkeypatch
+) -> None:
+    monkeypatch.setenv("FAKE_TRAINER_STEP_S", "0.5")
+    text = fake_app.client.predict(max_steps=120, api_name="/estimate_training")
+    # 120 steps of 0.5 s and 60 evaluations of 0.25 s after the measured start-up: over 1:15.
+    assert text.startswith("**Estimated duration: about 1:")
+    assert "120 steps of 0.50 s" in text and "60 evaluations of 0.2 s" in text
+    assert not list((fake_app.settings.runs_dir / ".estimates").iterdir())  # scratch removed
 
 
 def test_stop_ends_the_run_with_last_saved(

@@ -8,12 +8,14 @@ from PIL import Image
 
 from lisa_demo.ui.results import (
     GroundTruthError,
+    colour_map,
     details_text,
     drawn_mask,
     ground_truth,
     mask_from_array,
     mask_table,
     overlay,
+    shown_masks,
 )
 from tests.ui.fakes import FakeMask, FakeResult
 
@@ -84,8 +86,9 @@ def test_table_overlay_and_details() -> None:
     assert list(mask_table(result.masks, gt).columns) == ["mask", "confidence (SAM IoU)", "area %"]
     image = np.zeros((10, 20, 3), dtype=np.uint8)
     shown, layers = overlay(image, result.masks)
-    assert shown.shape == image.shape and layers[0][1] == "[SEG] 1 (score 0.88)"
+    assert shown.shape == image.shape and layers[0][1] == "mask 1"
     assert layers[0][0].max() == 1.0
+    assert not image.any()  # the outlines go into a copy
     text = details_text(result, [])
     assert "total 0.50 s" in text and "from cache: yes" in text
 
@@ -95,3 +98,29 @@ def test_overlay_of_a_big_image_is_downscaled() -> None:
     result = [FakeMask(np.ones((4000, 2000), dtype=bool), 0.5, 1.0)]
     shown, layers = overlay(image, result)
     assert shown.shape == (1600, 800, 3) and layers[0][0].shape == (1600, 800)
+
+
+def test_outlines_are_drawn_white_and_black_around_each_mask() -> None:
+    image = np.full((40, 40, 3), 200, dtype=np.uint8)
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[10:30, 10:30] = True
+    shown, _ = overlay(image, [FakeMask(mask, 0.9, 0.25)])
+    # The boundary pixel is black (the thin line on top), its neighbours white: visible on
+    # any fill; the inside and far outside are untouched.
+    assert tuple(shown[10, 20]) == (0, 0, 0)
+    assert tuple(shown[9, 20]) == (255, 255, 255) and tuple(shown[11, 20]) == (255, 255, 255)
+    assert tuple(shown[20, 20]) == (200, 200, 200) and tuple(shown[0, 0]) == (200, 200, 200)
+
+
+def test_palette_is_not_red_first_and_many_masks_are_summarised() -> None:
+    colours = colour_map()
+    assert list(colours) == ["mask 1", "mask 2", "mask 3", "mask 4"]
+    first = colours["mask 1"]
+    red, green, blue = (int(first[i : i + 2], 16) for i in (1, 3, 5))
+    assert blue > red and len(set(colours.values())) == 4
+    empty = np.zeros((4, 4), dtype=bool)
+    masks = [FakeMask(~empty, 0.9, 1.0)] + [FakeMask(empty, 0.1, 0.0) for _ in range(9)]
+    shown, line = shown_masks(masks)
+    assert shown == masks[:4]
+    assert line.startswith("Showing the first 4 of 10 masks; the other 6 (6 of them empty)")
+    assert shown_masks(masks[:4]) == (masks[:4], None)

@@ -59,6 +59,14 @@ def test_train_request_builds_the_trainer_contract_flags(tmp_path: Path) -> None
     assert "--train-tokens" not in args and "--synthetic-explanations" not in args
     assert "--pointing-weight" not in args and "--train-projector" not in args
     assert args[args.index("--lora-dropout") + 1] == "0.05"  # the trainer's own default
+    assert args[args.index("--replay-share") + 1] == "0.5"
+    assert args[args.index("--retention-margin") + 1] == "0.03"
+    assert "--replay-dir" not in args
+    replayed = TrainRequest(replay_share=0.25, replay_folder="/data/base").trainer_args(
+        tmp_path, None
+    )
+    assert replayed[replayed.index("--replay-share") + 1] == "0.25"
+    assert replayed[replayed.index("--replay-dir") + 1] == "/data/base"
     focused = TrainRequest(
         focus_concept="heart",
         explained_answers=True,
@@ -90,6 +98,9 @@ def test_train_request_builds_the_trainer_contract_flags(tmp_path: Path) -> None
         ({"lora_dropout": -0.1}, "LoRA dropout"),
         ({"lora_dropout": 1.0}, "LoRA dropout"),
         ({"lora_dropout": float("nan")}, "LoRA dropout"),
+        ({"replay_share": 1.0}, "replay share"),
+        ({"replay_share": -0.1}, "replay share"),
+        ({"retention_margin": float("nan")}, "retention margin"),
     ],
 )
 def test_train_request_refuses_nonsense(fields: dict, message: str) -> None:
@@ -127,11 +138,54 @@ def test_run_state_ignores_unknown_events_and_keys(tmp_path: Path) -> None:
     assert state.loss_frame().to_dict("list") == {
         "step": [3, 3], "series": ["loss", "ce_loss"], "value": [1.5, 1.0]
     }  # fmt: skip
-    assert set(state.eval_frame()["series"]) == {"gIoU", "cIoU"}
+    assert set(state.eval_frame()["series"]) == {"new data gIoU"}  # no retention_giou key
     progress = state.progress_markdown()
     assert "step 3 / 10 (30%)" in progress and "left" in progress
     state.apply({"event": "end", "status": "weird", "error": "boom"})
     assert state.status == "failed" and "boom" in state.progress_markdown()
+
+
+def test_run_state_shows_both_sets_before_latest_and_best_and_the_warning(tmp_path) -> None:
+    state = RunState(run_id="r", run_dir=tmp_path)
+    state.apply({"event": "start", "total_steps": 4,
+                 "dataset": {"train": 16, "new": 8, "replay": 8, "val": 2,
+                             "replay_plan": "replay: 8 synthetic scenes"}})  # fmt: skip
+    state.apply({"event": "eval", "step": 0, "before": True, "giou": 0.25, "ciou": 0.2,
+                 "retention_giou": 0.8, "retention_ciou": 0.75})  # fmt: skip
+    # The first evaluation already gives both curves a point.
+    assert state.eval_frame().to_dict("list") == {
+        "step": [0, 0], "series": ["new data gIoU", "retention gIoU"], "value": [0.25, 0.8]
+    }  # fmt: skip
+    assert "8 new + 8 replay" in state.log_text()
+    for step, new, kept in ((2, 0.6, 0.79), (4, 0.7, 0.5)):
+        state.apply({"event": "eval", "step": step, "giou": new, "ciou": new - 0.1,
+                     "retention_giou": kept, "retention_ciou": kept - 0.05})  # fmt: skip
+    state.apply({"event": "checkpoint", "step": 2, "kind": "best", "path": "x", "metric": 0.6})
+    message = "the model forgot: retention gIoU fell from 0.800 to 0.500"
+    state.apply({"event": "warning", "kind": "retention", "message": message})
+    state.apply({"event": "end", "status": "finished", "step": 4, "warning": message})
+    progress = state.progress_markdown()
+    assert progress.count(message) == 1 and f"**Warning: {message}**" in progress
+    assert "Replay and retention: replay: 8 synthetic scenes" in progress
+    table = progress[progress.index("| gIoU / cIoU") :].splitlines()
+    assert table[0] == "| gIoU / cIoU | before | step 4 | best (step 2) |"
+    assert table[2] == "| new data | 0.250 / 0.200 | 0.700 / 0.600 | 0.600 / 0.500 |"
+    assert table[3] == "| retention | 0.800 / 0.750 | 0.500 / 0.450 | 0.790 / 0.740 |"
+    assert state.log_text().count(f"warning: {message}") == 1
+
+
+def test_stop_during_start_up_ends_as_stopped(tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM before the trainer has its handler (still importing) kills it with -15: the
+    stop the user asked for, not a failure."""
+    monkeypatch.setenv("FAKE_TRAINER_STARTUP_S", "30")
+    manager = TrainingManager()
+    manager.start(_settings(tmp_path), TrainRequest(max_steps=4))
+    time.sleep(0.3)
+    manager.stop()
+    state = _wait_done(manager, timeout=10)
+    assert state.status == "stopped" and state.error is None
+    assert "stopped before training began" in state.log_text()
+    assert "exit" not in state.progress_markdown()
 
 
 def _settings(tmp_path: Path, **kw: object) -> AppSettings:
