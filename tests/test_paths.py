@@ -27,6 +27,7 @@ from lisa_demo.paths import (
 ARGUMENTS = [
     ("train", "--output-dir", OUTPUT_FOLDER),
     ("train", "--dataset", FOLDER),
+    ("train", "--replay-dir", FOLDER),
     ("train", "--explanations", FILE),
     ("train", "--resume", CHECKPOINT),
     ("train", "--init-from", CHECKPOINT),
