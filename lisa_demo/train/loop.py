@@ -482,9 +482,13 @@ def _run(
         # buffers on one device.
         from lisa_demo.memory_savings import offload
 
-        train_images = [train_set[i] for i in range(n_train)]
-        encoded = encode_every_image(core, batcher, train_images + val_samples, cache, device,
-                                     cfg.batch_size)  # fmt: skip
+        # Every image a step may draw: the new samples and the whole replay pool (each epoch
+        # draws other replay samples).
+        pool = train_mix.replay
+        train_images = [train_mix[i] for i in range(train_mix.n_new)]
+        train_images += [pool[i] for i in range(len(pool))]
+        encoded = encode_every_image(core, batcher, train_images + val_samples + retention,
+                                     cache, device, cfg.batch_size)  # fmt: skip
         offload(core.sam.vision_encoder)
         events.emit("sam_encoder_offloaded", images_encoded=encoded,
                     memory_mb=round(peak_memory_mb(device), 1))  # fmt: skip
