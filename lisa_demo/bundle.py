@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from lisa_demo.checkpoint import write_atomically
 from lisa_demo.loading import PROJECTION_FILE
+from lisa_demo.paths import FOLDER, OUTPUT_FOLDER, check_cli_paths
 
 
 def bundle(model_dir: Path, out: Path, run_dir: Path | None = None) -> Path:
@@ -61,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, default=None, help="the run folder (for metadata)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if check_cli_paths(
+        ("--model", args.model, FOLDER, "a run's OUT/model folder"),
+        ("--run", args.run, FOLDER, "a run folder"),
+        ("--out", args.out, OUTPUT_FOLDER),
+    ):
+        return 2
     path = bundle(args.model, args.out, args.run)
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     print(f"bundled {path} ({size / 2**20:.1f} MiB)")

@@ -1,4 +1,5 @@
-"""Fine-tuned state on disk: safetensors weights plus a JSON manifest, written atomically.
+"""Fine-tuned state on disk: safetensors weights plus a JSON manifest, written atomically
+(lisa_demo.atomic: a kill at any moment leaves a complete folder that readers find).
 
 A checkpoint folder holds:
     trainable.safetensors   every trainable tensor of the LisaModel, by parameter name
@@ -12,18 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from lisa_demo.atomic import complete_folder, write_atomically
+
 MANIFEST = "manifest.json"
 WEIGHTS = "trainable.safetensors"
-# LisaModel's training-only modules (seg_word_head, target_head, description_prompts).
+# Training-only modules the pretraining recipe attaches to a LisaModel
+# (lisa_demo.train.pretrain): saved for resuming, skipped by a model built without them.
 TRAINING_ONLY_PREFIX = ("seg_word_head.", "target_head.", "description_prompts.")
 FORMAT = "lisa-studio-checkpoint"
 
@@ -58,25 +59,9 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def write_atomically(folder: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` into a fresh temporary folder, then rename it to `folder`.
-
-    A process killed at any moment leaves either the previous `folder` or the new one whole.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        tmp.mkdir()
-        write(tmp)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
+def resolve_checkpoint(folder: Path | str) -> Path:
+    """complete_folder(folder), or `folder` itself when there is none (for the error message)."""
+    return complete_folder(folder) or Path(folder)
 
 
 def save_checkpoint(
@@ -99,8 +84,10 @@ def save_checkpoint(
 
 
 def read_manifest(folder: Path | str) -> dict:
-    folder = Path(folder)
+    folder = resolve_checkpoint(folder)
     path = folder / MANIFEST
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} is a file; pass its folder")
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     if not path.exists() or not (folder / WEIGHTS).exists():
@@ -145,7 +132,8 @@ def check_same_base(saved: dict, current: dict) -> list[str]:
 
 def load_trainable_state(folder: Path | str, model: torch.nn.Module) -> None:
     """Copy saved tensors into the model's trainable parameters; names and shapes must match."""
-    state = load_file(str(Path(folder) / WEIGHTS))
+    folder = resolve_checkpoint(folder)
+    state = load_file(str(folder / WEIGHTS))
     params = dict(model.named_parameters())
     # Training-only heads: kept for resuming, ignored by a model built without them.
     state = {

@@ -30,6 +30,8 @@ DEFAULT_MODELS_DIR = Path("models")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+# The real-size architectures `random_weights` builds (lisa_demo.architectures.ARCHITECTURES).
+ARCHITECTURE_NAMES = ("llava-1.5-7b", "lisa-7b", "lisa-13b")
 
 # Regex (peft full-match on the module name) that adapts the language model only. A plain
 # ["q_proj", "v_proj"] list would also adapt the CLIP vision tower of LLaVA.
@@ -49,35 +51,24 @@ class ConfigError(ValueError):
 
 @dataclass
 class LossWeights:
-    """Weights of LISA's three loss terms (paper defaults)."""
+    """Weights of LISA's three loss terms (paper defaults) and of the optional IoU-head term."""
 
     ce: float = 1.0  # text cross-entropy on the answer tokens
     bce: float = 2.0  # per-pixel sigmoid BCE, mean over pixels then masks
     dice: float = 0.5  # Dice per mask, mean over masks
     iou: float = 0.0  # not in LISA: MSE teaching SAM's IoU head to predict the true IoU
-    # Not in LISA, for training from scratch: a training-only linear head reads each mask
-    # query state and predicts the words of the answer after its [SEG] (the explanation).
-    seg_words: float = 0.0
-    # Not in LISA, for training from scratch (SAM itself learned from clicks first): SAM also
-    # segments each target from a click inside it (mask loss, BCE + Dice, times `point`), and
-    # each [SEG] prompt is pulled towards that click's prompt embedding (MSE, times `prompt`).
-    point: float = 0.0
-    prompt: float = 0.0
-    # Not in LISA, for training from scratch on synthetic scenes (lisa_demo.train.warmup):
-    # each mask query state predicts its target's kind, colour, size and region (a
-    # training-only head, cross-entropy), and its prompt is pulled (MSE) towards the
-    # description prompt that SAM learned to segment in the SAM warm-up.
-    target: float = 0.0
-    # Not in LISA, for training from scratch: one attention head of the language model's last
-    # layer, at each mask query position, is taught to attend to its target's image patches
-    # (cross-entropy against the share of each patch the target covers). No extra weights.
-    pointing: float = 0.0
 
     def __post_init__(self) -> None:
-        names = ("ce", "bce", "dice", "iou", "seg_words", "point", "prompt", "target", "pointing")
-        for name in names:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"loss weight {name} must be >= 0, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 0:
+                raise ConfigError(f"loss weight {f.name} must be >= 0, got {getattr(self, f.name)}")
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> LossWeights:
+        """From recorded fields (a run's config or a manifest); terms it does not have, such as
+        a pretraining recipe's, are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in fields.items() if k in known})
 
 
 @dataclass
@@ -104,6 +95,18 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     train_all: bool = False  # pretraining: every weight trains (vision tower, SAM encoder too)
     random_weights: bool = False  # build the architecture with random weights, no download
+    # The real-size architecture of this model: what random_weights builds and what the memory
+    # estimator counts when the sources are not local folders (one of ARCHITECTURE_NAMES).
+    architecture: str = "llava-1.5-7b"
+    # Memory savings (lisa_demo.memory_savings); none changes what is computed beyond rounding.
+    # The [SEG] (and train_tokens) rows of embed_tokens and lm_head train without peft's merged
+    # full copies of those matrices (and the full-size gradient of lm_head's copy).
+    lean_token_rows: bool = False
+    # CLIP's frozen vision tower in 8-bit or 4-bit (bitsandbytes) instead of the compute dtype.
+    vision_quantization: str = "none"
+    # Training: once every training and validation image's SAM embedding is cached, SAM's
+    # image encoder leaves the GPU (moves to the CPU, where any later new image is encoded).
+    offload_sam_encoder: bool = False
     build_tiny: bool = False  # build the random tiny model locally instead of loading
     # How prompts are written and tokenized: None (the processor's chat template), or a full
     # model's manifest's "question-first" | "llava-1.5" | "llava_v1" (LISA's, piecewise).
@@ -119,6 +122,15 @@ class ModelConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(
                 f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
+            )
+        if self.vision_quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"vision quantization must be one of {QUANTIZATIONS}, "
+                f"got {self.vision_quantization!r}"
+            )
+        if self.architecture not in ARCHITECTURE_NAMES:
+            raise ConfigError(
+                f"architecture must be one of {ARCHITECTURE_NAMES}, got {self.architecture!r}"
             )
         if self.lora_r <= 0 or self.lora_alpha <= 0:
             raise ConfigError("--lora-r and --lora-alpha must be positive")
@@ -138,6 +150,11 @@ class ModelConfig:
             raise ConfigError("--train-projector is for fine-tunes; --train-all trains it anyway")
         if self.train_all and (self.use_lora or self.quantization != "none"):
             raise ConfigError("full training (train_all) needs quantization none and no LoRA")
+        if self.train_all and (self.vision_quantization != "none" or self.offload_sam_encoder):
+            raise ConfigError(
+                "full training (train_all) trains the encoders: no --vision-quantization and "
+                "no --offload-sam-encoder"
+            )
 
     def replace(self, **changes: object) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -177,9 +194,29 @@ def read_full_model_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+def resolve_model_dir(name: str | Path) -> Path:
+    """A full-model folder as given, or a Hub model repo ("USER/NAME") holding one, downloaded
+    once into the Hub cache (a converted LISA uploaded with `hf upload`)."""
+    path = Path(name).expanduser()
+    text = str(name)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text))
+    except Exception as err:  # offline, private, unknown: the same advice
+        raise ConfigError(
+            f"model folder not found: {text} is not a local folder and could not be downloaded "
+            f"from the Hugging Face Hub ({type(err).__name__}); download it where you have "
+            f"network access (`hf download {text} --local-dir DIR`) and pass --model DIR"
+        ) from err
+
+
 def full_model_config(folder: str | Path) -> ModelConfig:
-    """The ModelConfig of a full-model folder (the bundled model, a converted LISA)."""
-    path = Path(folder).expanduser().resolve()
+    """The ModelConfig of a full-model folder (the bundled model, a converted LISA), or of a Hub
+    repo holding one."""
+    path = resolve_model_dir(folder)
     manifest = read_full_model_manifest(path)
     precision = manifest.get("precision", "fp32")
     return ModelConfig(
@@ -224,15 +261,36 @@ def _tiny_random() -> ModelConfig:
     return ModelConfig(llava="tiny-random", sam="tiny-random", build_tiny=True)
 
 
-def _llava_7b(sam: str) -> ModelConfig:
+def _qlora(**sources: object) -> ModelConfig:
+    """bf16 compute, 4-bit NF4 language model, LoRA, gradient checkpointing, and the three
+    memory savings: the [SEG] rows without peft's merged lm_head, CLIP's frozen tower in 8-bit
+    (the bundled model's vision features move by 1.0% in L2 norm; 4-bit: 5.7%) and SAM's image
+    encoder off the GPU once every image is encoded. Estimated llava-1.5-7b QLoRA step (SAM
+    ViT-B, batch 1): 5.72 GiB without them, 4.78 GiB with them."""
     return ModelConfig(
-        llava="llava-hf/llava-1.5-7b-hf",
-        sam=sam,
         precision="bf16",
         quantization="4bit",
         use_lora=True,
         gradient_checkpointing=True,
+        lean_token_rows=True,
+        vision_quantization="8bit",
+        offload_sam_encoder=True,
+        **sources,  # type: ignore[arg-type]
     )
+
+
+def _llava_7b(sam: str) -> ModelConfig:
+    return _qlora(llava="llava-hf/llava-1.5-7b-hf", sam=sam)
+
+
+def _lisa(name: str, architecture: str) -> ModelConfig:
+    """An official LISA checkpoint converted into the models folder (models/<name> unless
+    LISA_MODELS_DIR says otherwise) by python -m lisa_demo.convert; LISA's llava_v1 prompt."""
+    folder = models_dir() / name
+    return _qlora(
+        llava=str(folder / "llava"), sam=str(folder / "sam"), heads=str(folder),
+        architecture=architecture, prompt_format="llava_v1",
+    )  # fmt: skip
 
 
 # Each preset: what it is for, and how to run it.
@@ -245,7 +303,30 @@ PRESETS: dict[str, object] = {
     "llava-1.5-7b": lambda: _llava_7b("facebook/sam-vit-base"),
     # llava-1.5-7b in 4-bit NF4 + SAM ViT-H: the paper's SAM, more memory.
     "llava-1.5-7b-sam-huge": lambda: _llava_7b("facebook/sam-vit-huge"),
+    # The official LISA checkpoints, converted once into models/<preset name>/ with
+    # `python -m lisa_demo.convert --lisa xinlai/LISA-7B-v1 --out models/lisa-7b-v1`; 4-bit
+    # QLoRA like llava-1.5-7b. LLaMA-1 7B, CLIP-224 (256 image tokens), SAM ViT-H.
+    "lisa-7b-v1": lambda: _lisa("lisa-7b-v1", "lisa-7b"),
+    # The same, trained to explain its answer after the [SEG] token.
+    "lisa-7b-v1-explanatory": lambda: _lisa("lisa-7b-v1-explanatory", "lisa-7b"),
+    # LISA on LLaMA-2 13B (xinlai/LISA-13B-llama2-v1), same conventions.
+    "lisa-13b-llama2-v1": lambda: _lisa("lisa-13b-llama2-v1", "lisa-13b"),
+    "lisa-13b-llama2-v1-explanatory": lambda: _lisa("lisa-13b-llama2-v1-explanatory", "lisa-13b"),
 }
+
+
+def checkpoint_base_model(checkpoint: str | Path | None) -> Path | None:
+    """The full-model folder a fine-tuned checkpoint was trained on, when its manifest names
+    one that is still there (its LLaVA is that folder's llava/), else None."""
+    if checkpoint is None:
+        return None
+    try:
+        manifest = json.loads((Path(checkpoint) / "manifest.json").read_text())
+        folder = Path(manifest["llava"]["source"]).parent
+        read_full_model_manifest(folder)
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        return None
+    return folder
 
 
 def base_model_config(
@@ -253,14 +334,23 @@ def base_model_config(
     model_dir: str | Path | None = None,
     llava: str | None = None,
     sam: str | None = None,
+    checkpoint: str | Path | None = None,
 ) -> ModelConfig:
     """What a CLI's model options name: `--model DIR` (a full-model folder), else the preset
-    (default "tiny", the bundled model). `--model` excludes `--preset`, `--llava` and `--sam`."""
+    (default "tiny", the bundled model). `--model` excludes `--preset`, `--llava` and `--sam`.
+    With none of them, a `checkpoint` trained on a full-model folder loads on that folder."""
+    if model_dir is None and preset_name is None and not (llava or sam):
+        model_dir = checkpoint_base_model(checkpoint)
     if model_dir is None:
         return preset(preset_name or "tiny")
     if preset_name is not None or llava or sam:
         raise ConfigError("--model names the whole model: drop --preset, --llava and --sam")
     return full_model_config(model_dir)
+
+
+# The presets that load an official LISA checkpoint converted into the models folder (where the
+# app lists it as a full model once it is there).
+CONVERTED_PRESETS = tuple(name for name in PRESETS if name.startswith("lisa-"))
 
 
 def preset(name: str) -> ModelConfig:

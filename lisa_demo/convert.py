@@ -32,6 +32,7 @@ from datetime import date
 from pathlib import Path
 
 from lisa_demo.config import FULL_MODEL_FORMAT, SEG_TOKEN
+from lisa_demo.paths import MODEL, OUTPUT_FOLDER, check_cli_paths
 
 EXIT_USER_ERROR = 2
 DTYPES = ("bf16", "fp16", "fp32")
@@ -665,6 +666,12 @@ def _check_out(out: Path, force: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if check_cli_paths(
+        ("--lisa", args.lisa, MODEL),
+        ("--clip", args.clip, MODEL),
+        ("--out", args.out, OUTPUT_FOLDER),
+    ):
+        return EXIT_USER_ERROR
     import warnings
 
     from transformers.utils import logging as hf_logging

@@ -21,15 +21,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from lisa_demo.atomic import complete_folder
 from lisa_demo.config import PRECISIONS, QUANTIZATIONS
 from lisa_demo.data.reasonseg import (
     EXIF_ORIENTATION_TAG,
+    EXPECTED_LAYOUT,
     TRANSPOSED_ORIENTATIONS,
     DataError,
     ReasonSegDataset,
     Sample,
 )
 from lisa_demo.metrics import IoUAccumulator, intersection_union
+from lisa_demo.paths import (
+    CHECKPOINT,
+    CHECKPOINT_FOLDER,
+    FOLDER,
+    MODEL,
+    OUTPUT_FILE,
+    check_cli_paths,
+)
 
 
 class PredictionError(ValueError):
@@ -198,14 +208,15 @@ def score_model_cli(args: argparse.Namespace) -> int:
     """Run a model on the split with the training-time validation code and print its scores."""
     from lisa_demo.checkpoint import CheckpointError
     from lisa_demo.config import ConfigError, base_model_config
-    from lisa_demo.loading import ModelLoadError, load_lisa
+    from lisa_demo.loading import ModelLoadError, load_lisa, quiet_library_output
     from lisa_demo.train.evaluate import score_model
 
+    quiet_library_output()
     try:
         queries = "all" if args.all_queries else "first"
         dataset = ReasonSegDataset(args.dataset, queries=queries)
         print(dataset.report.summary(), file=sys.stderr)
-        cfg = base_model_config(args.preset, args.model, args.llava, args.sam)
+        cfg = base_model_config(args.preset, args.model, args.llava, args.sam, args.checkpoint)
         overrides = {k: getattr(args, k) for k in ("quantization", "precision") if getattr(args, k)}
         if args.llava or args.sam:
             overrides.update(llava=args.llava or cfg.llava, sam=args.sam or cfg.sam)
@@ -217,10 +228,7 @@ def score_model_cli(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2 if not isinstance(error, DataError) else 1
     per_sample = result.pop("per_sample")
-    target = args.per_sample
-    if target is None:
-        home = args.checkpoint if args.checkpoint is not None else Path.cwd()
-        target = Path(home) / f"eval_{Path(args.dataset).name}.json"
+    target = per_sample_file(args)
     Path(target).write_text(json.dumps({**result, "per_sample": per_sample}, indent=2))
     print(f"per-sample IoUs written to {target}", file=sys.stderr)
     if args.json:
@@ -236,10 +244,35 @@ def score_model_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def per_sample_file(args: argparse.Namespace) -> Path:
+    """--per-sample, else eval_<split>.json beside the checkpoint (or in the current folder)."""
+    if args.per_sample is not None:
+        return args.per_sample
+    home = Path.cwd() if args.checkpoint is None else complete_folder(args.checkpoint)
+    return Path(home or args.checkpoint) / f"eval_{Path(args.dataset).name}.json"
+
+
+def path_arguments(args: argparse.Namespace) -> list[tuple]:
+    """(flag, value, kind) of every path the command reads or writes, for lisa_demo.paths."""
+    scores_model = args.checkpoint is not None or args.model_only
+    return [
+        ("--dataset", args.dataset, FOLDER, EXPECTED_LAYOUT),
+        ("--predictions", args.predictions, FOLDER, "a folder of NAME.png masks"),
+        ("--checkpoint", args.checkpoint, CHECKPOINT, CHECKPOINT_FOLDER),
+        ("--model", args.model, MODEL),
+        ("--llava", args.llava, MODEL),
+        ("--sam", args.sam, MODEL),
+        ("--per-sample", per_sample_file(args) if scores_model else None, OUTPUT_FILE),
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 1 bad data, 2 unsupported request)."""
+    """CLI entry point; returns the exit status (0 ok, 1 bad data, 2 unsupported request or
+    a path argument that cannot work)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if check_cli_paths(*path_arguments(args)):
+        return 2
     if args.checkpoint is not None or args.model_only:
         return score_model_cli(args)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from lisa_demo.config import (
     SEG_TOKEN,
     ConfigError,
     ModelConfig,
+    models_dir,
 )
 from lisa_demo.inputs import PromptFormat, prompt_format
 from lisa_demo.model import LisaModel
@@ -85,6 +87,7 @@ class LoadedLisa:
             "train_all": cfg.train_all,
             "train_projector": cfg.train_projector,
             "quantization": cfg.quantization,
+            "vision_quantization": cfg.vision_quantization,
             "precision": cfg.precision,
             **extra,
         }
@@ -136,6 +139,13 @@ def _fetch_error(kind: str, source: str, err: Exception) -> ModelLoadError:
         return ModelLoadError(
             f"Could not load the {kind} model: the folder {source} is not a transformers "
             f"{kind} model ({err}). Pass a folder written by save_pretrained, or --preset tiny."
+        )
+    if path.is_relative_to(models_dir()):  # a LISA preset's converted model, not there yet
+        folder = path.parent
+        return ModelLoadError(
+            f"Could not load the {kind} model: {source} does not exist. Convert the official "
+            f"LISA checkpoint into {folder} once (python -m lisa_demo.convert --lisa ID_OR_DIR "
+            f"--out {folder}), or use --random-weights to measure the architecture."
         )
     if source.startswith((".", "/", "~")) or "\\" in source:
         return ModelLoadError(
@@ -210,15 +220,13 @@ def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
     )
 
 
-def _check_bitsandbytes(cfg: ModelConfig) -> None:
-    if cfg.quantization == "none":
+def _check_bitsandbytes(kind: str, flag: str = "--quantization") -> None:
+    if kind == "none":
         return
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
-        raise ConfigError(
-            f"--quantization {cfg.quantization} needs bitsandbytes: pip install bitsandbytes"
-        ) from err
+        raise ConfigError(f"{flag} {kind} needs bitsandbytes: pip install bitsandbytes") from err
 
 
 def load_llava(
@@ -234,25 +242,33 @@ def load_llava(
     quant = quantization_config(cfg, dtype)
     kwargs: dict = {"dtype": dtype}
     if quant is not None:
-        _check_bitsandbytes(cfg)
+        _check_bitsandbytes(cfg.quantization)
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else device.type}
     if cfg.random_weights:
-        return _random_llava(dtype, device, quant, image_token_id)
-    try:
-        model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
-        raise _fetch_error("LLaVA", source, err) from err
-    return model if quant is not None else model.to(device)
+        model = _random_llava(dtype, device, quant, image_token_id, cfg.architecture)
+    else:
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as err:
+            raise _fetch_error("LLaVA", source, err) from err
+        model = model if quant is not None else model.to(device)
+    if cfg.vision_quantization != "none":  # frozen CLIP tower in 8-bit / 4-bit
+        from lisa_demo.memory_savings import quantize_linears
+
+        _check_bitsandbytes(cfg.vision_quantization, "--vision-quantization")
+        quantize_linears(model.model.vision_tower, cfg.vision_quantization, dtype)
+    return model
 
 
 # Random weights (--random-weights) -------------------------------------------------------------
 # The full-size architectures with random values: speed and memory measurements without a
 # download. Built on the meta device and filled one tensor at a time, so a 4-bit 7B model never
 # exists in full precision (neither on disk nor in memory).
-def random_weight_processors() -> tuple[object, object]:
-    """Processors for random-weight models, with no download: the tiny tokenizer, llava-1.5's
-    CLIP preprocessing (336 px, patch 14: 576 image tokens) and SAM's 1024 px."""
+def random_weight_processors(architecture: str = "llava-1.5-7b") -> tuple[object, object]:
+    """Processors for random-weight models, with no download: the tiny tokenizer with
+    llava-1.5's image-first prompt, the architecture's CLIP preprocessing (llava-1.5: 336 px,
+    patch 14, 576 image tokens; LISA: 224 px, 256) and SAM's 1024 px."""
     from transformers import (
         CLIPImageProcessorPil,
         LlavaProcessor,
@@ -260,11 +276,13 @@ def random_weight_processors() -> tuple[object, object]:
         SamProcessor,
     )
 
+    from lisa_demo.architectures import architecture as find_architecture
     from lisa_demo.tiny import CHAT_TEMPLATE, build_tokenizer
 
+    side = find_architecture(architecture).clip_image_size
     clip = CLIPImageProcessorPil(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
         do_center_crop=True,
     )
     processor = LlavaProcessor(
@@ -333,11 +351,14 @@ def _random_parameter(meta: torch.nn.Parameter, values: torch.Tensor, device: to
     return torch.nn.Parameter(values, requires_grad=meta.requires_grad)
 
 
-def _random_llava(dtype, device: torch.device, quant, image_token_id: int | None):
-    """llava-1.5-7b with random weights; 4-bit/8-bit layers are quantized as they are filled."""
-    from lisa_demo.architectures import LLAVA_1_5_IMAGE_TOKEN_ID, llava_1_5_7b_config
+def _random_llava(
+    dtype, device: torch.device, quant, image_token_id: int | None, name: str = "llava-1.5-7b"
+):
+    """The named architecture with random weights; 4-bit/8-bit layers are quantized as they
+    are filled."""
+    from lisa_demo.architectures import architecture
 
-    config = llava_1_5_7b_config(image_token_id=image_token_id or LLAVA_1_5_IMAGE_TOKEN_ID)
+    config = architecture(name).llava_config(image_token_id)
     model = random_llava_skeleton(config, quant)
     materialize_random(model, dtype, device, std=config.text_config.initializer_range)
     if quant is not None:  # what from_pretrained sets; peft reads it to wrap the bnb layers
@@ -350,10 +371,10 @@ def load_sam(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.de
     from transformers import SamModel
 
     if cfg.random_weights:
-        from lisa_demo.architectures import sam_variant, sam_vit_config
+        from lisa_demo.architectures import architecture
 
         with torch.device(device):
-            return SamModel(sam_vit_config(sam_variant(source))).to(dtype)
+            return SamModel(architecture(cfg.architecture).sam_config(source)).to(dtype)
     try:
         return SamModel.from_pretrained(source, dtype=dtype).to(device)
     except (OSError, ValueError) as err:
@@ -377,8 +398,6 @@ def apply_lora(llava, cfg: ModelConfig, token_ids: list[int]):
     `token_ids` ([SEG] and the config's train_tokens) in embed_tokens and lm_head."""
     from peft import LoraConfig, get_peft_model
 
-    from lisa_demo.cpu_speed import use_cpu_dropout
-
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -388,7 +407,10 @@ def apply_lora(llava, cfg: ModelConfig, token_ids: list[int]):
         bias="none",
     )
     model = get_peft_model(llava, lora)
-    use_cpu_dropout(model)  # same masks' law, a third of the time on a CPU (cpu_speed)
+    if cfg.lean_token_rows:
+        from lisa_demo.memory_savings import use_lean_token_rows
+
+        use_lean_token_rows(model)
     return model
 
 
@@ -409,9 +431,6 @@ def set_trainable(model: LisaModel, cfg: ModelConfig, for_training: bool) -> Non
         if cfg.train_projector:
             model.base_llava.model.multi_modal_projector.requires_grad_(True)
     model.text_hidden_fcs.requires_grad_(True)
-    for head in (model.seg_word_head, model.target_head, model.description_prompts):
-        if head is not None:  # training-only heads (--seg-word-weight, --target-weight)
-            head.requires_grad_(True)
     model.train()
 
 
@@ -444,16 +463,23 @@ def load_lisa(
     checkpoint: str | Path | None = None,
     device: str | torch.device | None = None,
     for_training: bool = False,
+    attach: Callable[[LisaModel], None] | None = None,
 ) -> LoadedLisa:
-    """Build the LISA model described by `cfg`, optionally with a fine-tuned checkpoint."""
+    """Build the LISA model described by `cfg`, optionally with a fine-tuned checkpoint.
+
+    `attach(model)` may add training-only modules (a training recipe's heads) before the
+    checkpoint's weights load, so that they are restored with the rest; they train.
+    """
     device = pick_device(device)
+    if checkpoint is not None:  # once: the manifest and the weights come from one folder
+        checkpoint = ckpt.resolve_checkpoint(checkpoint)
     manifest = ckpt.read_manifest(checkpoint) if checkpoint is not None else None
     if manifest is not None:
         cfg = _apply_checkpoint_settings(cfg, manifest)
     dtype = DTYPES[cfg.precision]
     llava_src, sam_src = resolve_sources(cfg)
     if cfg.random_weights:
-        processor, sam_processor = random_weight_processors()
+        processor, sam_processor = random_weight_processors(cfg.architecture)
     else:
         processor, sam_processor = load_processors(llava_src, sam_src)
     tokenizer = processor.tokenizer
@@ -483,7 +509,9 @@ def load_lisa(
     model.text_hidden_fcs.to(
         device=device, dtype=torch.float32 if dtype == torch.float16 else dtype
     )
-    _load_projection(model, cfg.heads)
+    _load_projection(model, None if cfg.random_weights else cfg.heads)
+    if attach is not None:
+        attach(model)
     set_trainable(model, cfg, for_training=True)  # names of trainable tensors define the format
     loaded = LoadedLisa(model, processor, sam_processor, cfg, device, base)
     if manifest is not None:
@@ -529,6 +557,21 @@ def save_full_model(loaded: LoadedLisa, out: Path | str) -> Path:
         save_file(state, str(tmp / PROJECTION_FILE))
 
     return ckpt.write_atomically(Path(out), write)
+
+
+def quiet_library_output() -> None:
+    """No progress bars, deprecation notices or library chatter on a user's terminal: a
+    command's own lines (and its one `error:` line) are what it prints."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # Deprecation notices of the libraries (some are attributed to the caller's line, so the
+    # module filter alone misses them): nothing a user of a command can act on.
+    warnings.simplefilter("ignore", FutureWarning)
+    for library in ("transformers", "peft", "accelerate", "huggingface_hub"):
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=library)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 __all__ = [

@@ -29,7 +29,10 @@ weights are needed to pass gradients through it)
     logits: B A V x 10 bytes, A = scored answer tokens (LisaModel computes vocabulary logits only
     where a label is scored; bf16 logits, their fp32 upcast and the fp32 log-softmax kept by
     the cross-entropy). [SEG] rows: peft's trainable tokens build a full copy of lm_head
-    (V h b) and keep it for backward. A 4-bit/8-bit layer dequantizes its weight to b for
+    (V h b), keep it for backward and compute its full gradient there (V h b more); with
+    lean_token_rows neither exists (the embed_tokens copy, made and freed at the start of
+    the forward pass, and its dense gradient at the end of the backward pass never meet the
+    peak). A 4-bit/8-bit layer dequantizes its weight to b for
     each matmul (the largest such weight, in b). Autocast keeps a b copy of every fp32
     trainable weight for the step. SAM decoder per mask: 24 P g^2 elements in b (the
     two-way transformer's image-side tensors and the upscaling convolutions, P = decoder width,
@@ -39,6 +42,14 @@ Transients that never coexist with the step's activations
     cache, on cache misses with it): global attention's [heads, N, N] relative-position bias in
     b (SDPA's memory-efficient kernel takes it as a mask and forms no score matrix), + 8 N w b
     for the rest (N = g^2 tokens, w = encoder width).
+Memory savings (lisa_demo.memory_savings)
+    vision_quantization: CLIP's Linear weights in 8-bit (1 byte + an fp32 scale per row) or NF4
+    (4.127 bits) instead of b. offload_sam_encoder (training): every image is encoded before
+    the first step, then SAM's image encoder leaves the GPU. Its weights and its transient
+    then belong to that encoding phase, when gradients and optimizer state do not exist yet
+    (AdamW creates its state at the first step): the plan's transient groups are the encoding
+    phase (encoder weights + its transient) and the step (gradients, optimizer state, step
+    activations), whichever is larger.
 Inference
     weights (heads in the compute dtype, LoRA in fp32), the per-image cache (SAM embeddings +
     LLaVA vision features of `cache_images` images), the prompt-prefix KV caches of the
@@ -106,6 +117,9 @@ class ArchitectureCounts:
     sam_embedding_channels: int  # 256
     decoder_width: int  # mask decoder width (256)
     vision_feature_dim: int  # LLaVA's projected vision features per image token (= hidden)
+    vision_linear: int = 0  # CLIP tower Linear weights (in llava_other; 8-/4-bit if asked)
+    vision_linear_rows: int = 0  # their output rows
+    sam_encoder: int = 0  # SAM image encoder parameters (in sam_frozen; offloadable)
 
     @property
     def trainable(self) -> int:
@@ -226,12 +240,17 @@ def smallest_card(total_bytes: int) -> str:
 def architecture_configs(cfg: ModelConfig, sam_variant: str | None = None):
     """(LlavaConfig, SamConfig) for a model config, without downloading weights.
 
-    The tiny presets use the tiny architecture; local folders their config.json; llava-1.5-7b
-    (or --random-weights) and SAM ViT-B/L/H the configs written out in architectures.py.
+    The tiny presets use the tiny architecture; local folders their config.json; otherwise
+    cfg.architecture's configs, written out in architectures.py (llava-1.5-7b by name or with
+    --random-weights; the LISA presets' folders before conversion), with SAM ViT-B/L/H as the
+    SAM source names it (or the architecture's own SAM).
     """
     from pathlib import Path
 
     from lisa_demo import architectures
+
+    arch = architectures.architecture(cfg.architecture)
+    built_in = cfg.random_weights or cfg.architecture != "llava-1.5-7b"
 
     if cfg.build_tiny:
         from lisa_demo import tiny
@@ -247,23 +266,25 @@ def architecture_configs(cfg: ModelConfig, sam_variant: str | None = None):
         from transformers import LlavaConfig
 
         llava = LlavaConfig.from_pretrained(cfg.llava)
-    elif cfg.random_weights or "llava-1.5-7b" in cfg.llava:
-        llava = architectures.llava_1_5_7b_config()
+    elif built_in or "llava-1.5-7b" in cfg.llava:
+        llava = arch.llava_config()
     else:
         raise ConfigError(
             f"no built-in architecture for LLaVA {cfg.llava!r}: pass a local folder or the "
             "llava-1.5-7b preset"
         )
     if sam_variant is not None:
-        return llava, architectures.sam_vit_config(sam_variant)
+        return llava, arch.sam_config(sam_variant)
     if Path(cfg.sam).is_dir():
         from transformers import SamConfig
 
         return llava, SamConfig.from_pretrained(cfg.sam)
     try:
-        return llava, architectures.sam_vit_config(architectures.sam_variant(cfg.sam))
+        architectures.sam_variant(cfg.sam)
     except ValueError as err:
-        raise ConfigError(str(err)) from err
+        if not built_in:
+            raise ConfigError(str(err)) from err
+    return llava, arch.sam_config(cfg.sam)
 
 
 def count_parameters(cfg: ModelConfig, sam_variant: str | None = None) -> ArchitectureCounts:
@@ -290,10 +311,13 @@ def _count(llava_json: str, sam_json: str, lora: tuple[int, str, int] | None) ->
         llava = LlavaForConditionalGeneration(llava_config)
         sam = SamModel(sam_config)
     skip = list(QUANTIZATION_SKIP_MODULES)
-    quantizable = rows = largest = lora_params = lora_inputs = 0
+    quantizable = rows = largest = lora_params = lora_inputs = clip_weights = clip_rows = 0
     for name, module in llava.named_modules():
         if not isinstance(module, nn.Linear):
             continue
+        if name.startswith("model.vision_tower."):
+            clip_weights += module.weight.numel()
+            clip_rows += module.out_features
         if should_convert_module(name, skip):
             quantizable += module.weight.numel()
             rows += module.out_features
@@ -335,6 +359,9 @@ def _count(llava_json: str, sam_json: str, lora: tuple[int, str, int] | None) ->
         sam_embedding_channels=sam_vision.output_channels,
         decoder_width=prompt_size,
         vision_feature_dim=hidden,
+        vision_linear=clip_weights,
+        vision_linear_rows=clip_rows,
+        sam_encoder=sum(p.numel() for p in sam.vision_encoder.parameters()),
     )
 
 
@@ -353,22 +380,30 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Peak GPU memory of inference and of a LoRA training step for `cfg`.
 
-    seq_len: tokens per sample, image tokens included (default: image tokens + 64);
-    gradient_checkpointing: default cfg.gradient_checkpointing; sam_variant: base / large /
-    huge (default: from cfg.sam); optimizer: adamw | paged_adamw_8bit; new_tokens: answer
-    length for inference; cache_images: images the pipeline keeps encoded; prefix_caches:
-    images that also keep their prompt prefix's KV cache (LisaPipeline's prefix_cache_size).
+    seq_len: tokens per sample, image tokens included (default: image tokens + the
+    architecture's text tokens, 64 for llava-1.5); gradient_checkpointing: default
+    cfg.gradient_checkpointing; sam_variant: base / large / huge (default: from cfg.sam);
+    optimizer: adamw | paged_adamw_8bit; new_tokens: answer length for inference; cache_images:
+    images the pipeline keeps encoded; prefix_caches: images that also keep their prompt
+    prefix's KV cache (LisaPipeline's prefix_cache_size). The memory savings (lean_token_rows,
+    vision_quantization, offload_sam_encoder) come from cfg.
     """
+    from lisa_demo.architectures import architecture
+
     if cfg.train_all:
         raise ConfigError("the estimator covers LoRA / heads-only training, not --train-all")
     counts = count_parameters(cfg, sam_variant)
-    seq_len = seq_len if seq_len is not None else counts.image_tokens + DEFAULT_TEXT_TOKENS
+    arch = architecture(cfg.architecture)
+    text_tokens = DEFAULT_TEXT_TOKENS if cfg.build_tiny else arch.text_tokens
+    prefix_text = PREFIX_TEXT_TOKENS if cfg.build_tiny else arch.prefix_text_tokens
+    seq_len = seq_len if seq_len is not None else counts.image_tokens + text_tokens
     checkpointing = cfg.gradient_checkpointing if gradient_checkpointing is None else (
         gradient_checkpointing
     )  # fmt: skip
     setting = {
         "llava": cfg.llava,
         "sam": sam_variant or cfg.sam,
+        "architecture": cfg.architecture,
         "quantization": cfg.quantization,
         "precision": cfg.precision,
         "lora_r": cfg.lora_r if cfg.use_lora else 0,
@@ -376,6 +411,9 @@ def estimate_memory(
         "seq_len": seq_len,
         "gradient_checkpointing": checkpointing,
         "optimizer": optimizer,
+        "lean_token_rows": cfg.lean_token_rows,
+        "vision_quantization": cfg.vision_quantization,
+        "offload_sam_encoder": cfg.offload_sam_encoder,
     }
     return estimate_from_counts(
         counts,
@@ -390,6 +428,10 @@ def estimate_memory(
         masks_per_sample=masks_per_sample,
         cache_images=cache_images,
         prefix_caches=prefix_caches,
+        prefix_text_tokens=prefix_text,
+        lean_token_rows=cfg.lean_token_rows,
+        vision_quantization=cfg.vision_quantization,
+        offload_sam_encoder=cfg.offload_sam_encoder,
     )
 
 
@@ -408,6 +450,10 @@ def estimate_from_counts(
     cache_images: int,
     prefix_caches: int,
     answer_tokens: int = DEFAULT_ANSWER_TOKENS,
+    prefix_text_tokens: int = PREFIX_TEXT_TOKENS,
+    lean_token_rows: bool = False,
+    vision_quantization: str = "none",
+    offload_sam_encoder: bool = False,
 ) -> MemoryEstimate:
     """The module docstring's formulas, applied to given counts (pure arithmetic)."""
     if optimizer not in OPTIMIZER_STATE_BYTES:
@@ -415,34 +461,48 @@ def estimate_from_counts(
     if batch_size < 1 or seq_len < 1:
         raise ConfigError("batch size and sequence length must be at least 1")
     c, b = counts, DTYPE_BYTES[precision]
-    shared = (
-        MemoryTerm("language-model linears", _quantized_bytes(c, quantization, b),
-                   {"4bit": "NF4 + double quant, 4.127 bits", "8bit": "int8 + row scales"}
-                   .get(quantization, f"{b} bytes")),
-        MemoryTerm("vision, projector, embeddings, lm_head", c.llava_other * b, f"{b} bytes"),
-        MemoryTerm("SAM image + prompt encoder", c.sam_frozen * b, f"{b} bytes"),
+    vision = c.vision_linear if vision_quantization != "none" else 0
+    weights = (
+        MemoryTerm("language-model linears", _quantized_bytes(c.quantizable, c.quantizable_rows,
+                                                              quantization, b),
+                   _QUANTIZED_NOTES.get(quantization, f"{b} bytes")),
+        MemoryTerm("vision, projector, embeddings, lm_head", (c.llava_other - vision) * b,
+                   f"{b} bytes"),
     )  # fmt: skip
+    if vision:
+        weights += (
+            MemoryTerm("CLIP tower linears", _quantized_bytes(
+                c.vision_linear, c.vision_linear_rows, vision_quantization, b),
+                _QUANTIZED_NOTES[vision_quantization]),
+        )  # fmt: skip
+    sam = MemoryTerm("SAM image + prompt encoder", c.sam_frozen * b, f"{b} bytes")
     dequantized = c.largest_quantizable * b if quantization != "none" else 0
+    merged_head = 0 if lean_token_rows or not c.seg_rows else c.vocab * c.hidden * b
     training = _training_plan(
-        c, b, shared, _sam_encoder_terms(c, batch_size, b),
+        c, b, weights, sam, _sam_encoder_terms(c, batch_size, b),
         batch=batch_size, seq_len=seq_len, checkpointing=gradient_checkpointing,
         answer_tokens=min(answer_tokens, seq_len),
         optimizer=optimizer, masks=batch_size * masks_per_sample, dequantized=dequantized,
         autocast_copies=c.trainable * b if precision != "fp32" else 0,
+        merged_head=merged_head, offload_sam_encoder=offload_sam_encoder,
     )  # fmt: skip
     inference = _inference_plan(
-        c, b, shared, prompt_len=seq_len, new_tokens=new_tokens, cache_images=cache_images,
-        prefix_caches=prefix_caches, dequantized=dequantized,
+        c, b, weights + (sam,), prompt_len=seq_len, new_tokens=new_tokens,
+        cache_images=cache_images, prefix_caches=prefix_caches,
+        prefix_text_tokens=prefix_text_tokens, dequantized=dequantized, merged_head=merged_head,
     )  # fmt: skip
     return MemoryEstimate(setting=setting, counts=counts, inference=inference, training=training)
 
 
-def _quantized_bytes(c: ArchitectureCounts, quantization: str, b: int) -> int:
+_QUANTIZED_NOTES = {"4bit": "NF4 + double quant, 4.127 bits", "8bit": "int8 + row scales"}
+
+
+def _quantized_bytes(weights: int, rows: int, quantization: str, b: int) -> int:
     if quantization == "4bit":
-        return round(c.quantizable * NF4_BITS / 8)
+        return round(weights * NF4_BITS / 8)
     if quantization == "8bit":
-        return c.quantizable + 4 * c.quantizable_rows
-    return c.quantizable * b
+        return weights + 4 * rows
+    return weights * b
 
 
 def _sam_encoder_terms(c: ArchitectureCounts, images: int, b: int) -> tuple[MemoryTerm, ...]:
@@ -463,11 +523,13 @@ def _inference_plan(
     new_tokens: int,
     cache_images: int,
     prefix_caches: int,
+    prefix_text_tokens: int,
     dequantized: int,
+    merged_head: int,
 ) -> MemoryPlan:
     steps = prompt_len + new_tokens
     per_image = c.sam_embedding_channels * c.sam_grid**2 + c.image_tokens * c.vision_feature_dim
-    prefix = c.image_tokens + PREFIX_TEXT_TOKENS
+    prefix = c.image_tokens + prefix_text_tokens
     resident = shared + (
         MemoryTerm("projection + mask decoder", (c.projection + c.sam_decoder) * b, f"{b} bytes"),
         MemoryTerm("LoRA + [SEG] rows", (c.lora + c.seg_rows) * 4, "fp32"),
@@ -481,8 +543,7 @@ def _inference_plan(
                    "output_hidden_states"),
         MemoryTerm("prefill MLP transient", 3 * prompt_len * c.intermediate * b, "3 L I"),
         MemoryTerm("dequantized weight", dequantized, "largest 4-/8-bit layer"),
-        MemoryTerm("merged lm_head copy", c.vocab * c.hidden * b if c.seg_rows else 0,
-                   "peft trainable tokens"),
+        MemoryTerm("merged lm_head copy", merged_head, "peft trainable tokens"),
     )  # fmt: skip
     encoder = _sam_encoder_terms(c, 1, b)
     return MemoryPlan(resident, (("generation", generation), ("SAM image encoder", encoder)))
@@ -491,7 +552,8 @@ def _inference_plan(
 def _training_plan(
     c: ArchitectureCounts,
     b: int,
-    shared: tuple[MemoryTerm, ...],
+    weights: tuple[MemoryTerm, ...],
+    sam: MemoryTerm,
     sam_encoder: tuple[MemoryTerm, ...],
     *,
     batch: int,
@@ -502,13 +564,15 @@ def _training_plan(
     masks: int,
     dequantized: int,
     autocast_copies: int,
+    merged_head: int,
+    offload_sam_encoder: bool,
 ) -> MemoryPlan:
     trainable = c.trainable  # kept only as fp32 master weights (the loop upcasts them)
-    resident = shared + (
-        MemoryTerm("trainable weights (fp32)", trainable * 4, f"{trainable:,} parameters"),
+    master = MemoryTerm("trainable weights (fp32)", trainable * 4, f"{trainable:,} parameters")
+    state = (
         MemoryTerm("gradients (fp32)", trainable * 4),
         MemoryTerm("optimizer state", trainable * OPTIMIZER_STATE_BYTES[optimizer], optimizer),
-    )  # fmt: skip
+    )
     tokens = batch * seq_len
     layer = layer_activation_bytes(c, b)
     outputs = (c.layers + 1) * tokens * c.hidden * b
@@ -527,13 +591,25 @@ def _training_plan(
         stored,
         MemoryTerm("logits + fp32 loss copies", batch * answer_tokens * c.vocab * 10,
                    "B A V x 10 bytes (answer positions only)"),
-        MemoryTerm("merged lm_head copy", c.vocab * c.hidden * b if c.seg_rows else 0,
-                   "peft trainable tokens"),
+        MemoryTerm("merged lm_head copy", merged_head, "peft trainable tokens"),
+        MemoryTerm("full gradient of that copy", merged_head, "V h, in backward"),
         MemoryTerm("SAM decoder + mask losses", decoder, f"{masks} masks"),
         MemoryTerm("dequantized weight", dequantized, "largest 4-/8-bit layer"),
         MemoryTerm("autocast copies of trainable weights", autocast_copies, f"{b} bytes"),
     )  # fmt: skip
-    return MemoryPlan(resident, (("step activations", step), ("SAM image encoder", sam_encoder)))
+    if not offload_sam_encoder:
+        resident = weights + (sam, master) + state
+        groups = (("step activations", step), ("SAM image encoder", sam_encoder))
+        return MemoryPlan(resident, groups)
+    # Every image is encoded before the first step; then the encoder leaves the GPU.
+    encoder_weights = c.sam_encoder * b
+    prompt = MemoryTerm("SAM prompt encoder", sam.bytes - encoder_weights, f"{b} bytes")
+    encoding = (MemoryTerm("SAM image encoder weights", encoder_weights, "before offloading"),)
+    return MemoryPlan(
+        weights + (prompt, master),
+        (("step (encoder offloaded)", state + step),
+         ("encoding every image first", encoding + sam_encoder)),
+    )  # fmt: skip
 
 
 def layer_activation_bytes(c: ArchitectureCounts, b: int) -> int:

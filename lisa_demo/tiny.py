@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from lisa_demo.config import IMAGE_TOKEN
+from lisa_demo.paths import OUTPUT_FOLDER, check_cli_paths
 
 TINY_SEED = 1234
 CLIP_IMAGE_SIZE = 160
@@ -274,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=TINY_SEED)
     args = parser.parse_args(argv)
+    if check_cli_paths(("--out", args.out, OUTPUT_FOLDER)):
+        return 2
     write_tiny_models(args.out, args.seed)
     print(f"wrote {args.out / 'llava'} and {args.out / 'sam'}")
     return 0

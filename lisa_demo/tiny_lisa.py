@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lisa_demo.paths import OUTPUT_FOLDER, check_cli_paths
+
 TINY_LISA_SEED = 0
 SP_VOCAB = 320
 # LISA-7B-v1: <im_patch>, <im_start>, <im_end>, [SEG] after the base vocabulary.
@@ -41,7 +43,9 @@ ADDED_TOKENS = {
 TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
 CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2)
 CLIP_IMAGE_SIZE = 224  # LISA's CLIP resolution: 16 x 16 = 256 image tokens
-SAM_ENCODER = dict(depth=2, embed_dim=64, num_heads=2, global_attn_indexes=(1,), window_size=14)
+# ViT-B-like width at four blocks: the image encoder costs several times the full-size mask
+# decoder, as in every real SAM (ViT-H: hundreds of times), so the caches show their worth.
+SAM_ENCODER = dict(depth=4, embed_dim=128, num_heads=2, global_attn_indexes=(1, 3), window_size=14)
 OUT_DIM = 256  # SAM's prompt width; LISA's config calls it out_dim
 
 _CORPUS = (
@@ -287,9 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", choices=("bin", "safetensors"), default="bin")
     parser.add_argument("--seed", type=int, default=TINY_LISA_SEED)
     args = parser.parse_args(argv)
+    if check_cli_paths(("--out", args.out, OUTPUT_FOLDER)):
+        return 2
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         print(f"error: {args.out} exists and is not an empty folder", file=sys.stderr)
         return 2
+    from lisa_demo.loading import quiet_library_output
+
+    quiet_library_output()
     try:
         write_tiny_lisa(args.out, args.layout, args.shards, args.seed)
     except ImportError as err:

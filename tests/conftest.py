@@ -1,6 +1,6 @@
-"""Shared test setup: offline, one tiny random LISA per session, and small helpers.
+"""Shared test setup: offline, one tiny random LISA per pytest run, and small helpers.
 
-The tiny-random model is built once per session into a temporary LISA_CACHE_DIR (unless the
+The tiny-random model is built once per pytest run into a temporary LISA_CACHE_DIR (unless the
 caller set one, e.g. to reuse a build between runs).
 """
 
@@ -20,8 +20,9 @@ import torch  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def _test_environment(tmp_path_factory):
-    """A session cache folder for the tiny models; one CPU thread unless told otherwise
-    (the test machines share two cores, and oversubscribed threads are many times slower)."""
+    """A cache folder for the tiny models, shared by the whole pytest run; one CPU thread
+    unless told otherwise (the test machines share two cores, and oversubscribed threads are
+    many times slower)."""
     with pytest.MonkeyPatch.context() as patch:
         if "LISA_CACHE_DIR" not in os.environ:
             patch.setenv("LISA_CACHE_DIR", str(tmp_path_factory.mktemp("lisa-cache")))

@@ -86,3 +86,141 @@ def test_lora_regex_matches_the_64_language_model_q_v_projections(llava_7b):
     vision_qv = [n for n in names if "vision_tower" in n and n.endswith(("q_proj", "v_proj"))]
     assert len(vision_qv) == 2 * 24  # the CLIP tower has q/v projections that must not match
     assert not matched & set(vision_qv)
+
+
+# The official LISA checkpoints' architectures --------------------------------------------------
+def _llama_count(vocab: int, hidden: int, intermediate: int, layers: int) -> int:
+    """A LLaMA causal LM by hand: untied embeddings and head, per layer q k v o (h x h), gate
+    up down (h x I), two RMSNorms; the final norm."""
+    per_layer = 4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden
+    return 2 * vocab * hidden + layers * per_layer + hidden
+
+
+def _clip_l14_count(image_size: int) -> int:
+    """CLIP ViT-L/14 vision model by hand (no projection): patch conv (no bias), class and
+    position embeddings, pre-norm, 24 layers (q k v o with biases, 2 norms, MLP 1024 <-> 4096),
+    post-norm."""
+    h, inner, tokens = 1024, 4096, (image_size // 14) ** 2 + 1
+    layer = 4 * (h * h + h) + 2 * 2 * h + (h * inner + inner) + (inner * h + h)
+    return 3 * 14 * 14 * h + h + tokens * h + 2 * h + 24 * layer + 2 * h
+
+
+@pytest.mark.parametrize(
+    ("name", "vocab", "hidden", "intermediate", "layers", "published"),
+    [
+        # LLaMA-1 7B has 6,738,415,616 parameters with 32,000 tokens; LISA adds 4 rows twice.
+        ("lisa-7b", 32004, 4096, 11008, 32, 6_738_415_616 + 2 * 4 * 4096),
+        # Llama-2-13B has 13,015,864,320 with 32,000 tokens; LISA's 3 and our <image>: 4 rows.
+        ("lisa-13b", 32004, 5120, 13824, 40, 13_015_864_320 + 2 * 4 * 5120),
+    ],
+)  # fmt: skip
+def test_lisa_architectures_count_as_llama_clip_224_and_one_linear(
+    name, vocab, hidden, intermediate, layers, published
+):
+    from transformers import LlavaForConditionalGeneration
+
+    from lisa_demo.architectures import architecture
+
+    config = architecture(name).llava_config()
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(config)
+    language = _count(llava, "model.language_model.") + _count(llava, "lm_head.")
+    assert language == _llama_count(vocab, hidden, intermediate, layers) == published
+    assert _count(llava, "model.vision_tower.") == _clip_l14_count(224) == 303_179_776
+    # LISA's one Linear 1024 -> H as linear_1, then an identity H x H as linear_2.
+    projector = llava.model.multi_modal_projector
+    assert _count(projector) == (1024 * hidden + hidden) + (hidden * hidden + hidden)
+    assert type(projector.act).__name__ == "LinearActivation"  # "linear": the identity
+    assert _count(llava) == language + 303_179_776 + _count(projector)
+    text = config.text_config
+    assert text.vocab_size == vocab and text.pad_token_id == 0
+    assert config.vision_feature_layer == -2 and config.vision_feature_select_strategy == "default"
+    assert config.image_seq_length == 256 and config.multimodal_projector_bias
+    assert config.vision_config.image_size == 224
+
+
+def test_lisa_token_ids_and_text_settings():
+    from lisa_demo.architectures import lisa_7b_config, lisa_13b_config
+
+    seven, thirteen = lisa_7b_config(), lisa_13b_config()
+    assert seven.image_token_id == 32000  # <im_patch>, always overwritten by image features
+    assert thirteen.image_token_id == 32003  # <image>, added after [SEG] 32000 .. <im_end> 32002
+    assert (seven.text_config.rms_norm_eps, thirteen.text_config.rms_norm_eps) == (1e-6, 1e-5)
+    assert seven.text_config.max_position_embeddings == 2048
+    assert thirteen.text_config.max_position_embeddings == 4096
+    assert thirteen.text_config.num_key_value_heads == 40
+
+
+def test_lisa_sam_is_vit_h_with_the_original_decoder_epsilon():
+    from transformers import SamModel
+
+    from lisa_demo.architectures import architecture
+
+    config = architecture("lisa-7b").sam_config("models/lisa-7b-v1/sam")  # names no variant
+    assert config.mask_decoder_config.layer_norm_eps == 1e-5
+    assert config.vision_config.hidden_size == 1280  # ViT-H
+    with torch.device("meta"):
+        sam = SamModel(config)
+    assert 640.9e6 < _count(sam) < 641.3e6
+    base = architecture("lisa-7b").sam_config("facebook/sam-vit-base")  # a SAM named by --sam
+    assert base.vision_config.hidden_size == 768
+    assert architecture("llava-1.5-7b").sam_config().mask_decoder_config.layer_norm_eps == 1e-6
+
+
+@pytest.mark.parametrize(
+    ("name", "architecture"),
+    [("lisa-7b-v1", "lisa-7b"), ("lisa-7b-v1-explanatory", "lisa-7b"),
+     ("lisa-13b-llama2-v1", "lisa-13b"), ("lisa-13b-llama2-v1-explanatory", "lisa-13b")],
+)  # fmt: skip
+def test_lisa_presets_point_at_the_converted_folder_and_train_like_llava_7b(name, architecture):
+    from lisa_demo.config import models_dir
+
+    cfg = preset(name)
+    assert cfg.architecture == architecture
+    folder = models_dir() / name  # models/<name> unless LISA_MODELS_DIR says otherwise
+    assert (cfg.llava, cfg.sam, cfg.heads) == (str(folder / "llava"), str(folder / "sam"),
+                                               str(folder))  # fmt: skip
+    assert cfg.prompt_format == "llava_v1"
+    qlora = preset("llava-1.5-7b")
+    for field in ("precision", "quantization", "use_lora", "lora_r", "lora_targets",
+                  "gradient_checkpointing", "lean_token_rows", "vision_quantization",
+                  "offload_sam_encoder"):  # fmt: skip
+        assert getattr(cfg, field) == getattr(qlora, field), field
+
+
+def test_random_weight_processors_give_lisa_256_image_tokens_at_224_px():
+    from PIL import Image
+
+    from lisa_demo.config import IMAGE_TOKEN
+    from lisa_demo.inputs import image_token_count
+    from lisa_demo.loading import random_weight_processors
+
+    processor, _ = random_weight_processors("lisa-7b")
+    assert image_token_count(processor) == 256
+    batch = processor(text=f"USER: {IMAGE_TOKEN}\nWhat? ASSISTANT:",
+                      images=Image.new("RGB", (500, 375)), return_tensors="pt")  # fmt: skip
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert int((batch["input_ids"] == image_id).sum()) == 256
+    assert tuple(batch["pixel_values"].shape[-2:]) == (224, 224)
+
+
+def test_random_lisa_7b_builds_on_the_meta_device_with_the_presets_settings():
+    import bitsandbytes as bnb
+
+    from lisa_demo.loading import load_lisa
+    from lisa_demo.memory import count_parameters
+
+    cfg = preset("lisa-7b-v1").replace(random_weights=True)
+    loaded = load_lisa(cfg, device="meta", for_training=True)
+    llava = loaded.model.llava.get_base_model()
+    assert llava.config.text_config.vocab_size == 32004
+    assert llava.config.vision_config.image_size == 224
+    four_bit = [n for n, m in llava.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 7 * 32 and all(n.startswith("model.language_model.") for n in four_bit)
+    eight_bit = [n for n, m in llava.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert len(eight_bit) == 6 * 24 and all(n.startswith("model.vision_tower.") for n in eight_bit)
+    sam = loaded.model.sam
+    assert sam.config.vision_config.hidden_size == 1280
+    assert sam.config.mask_decoder_config.layer_norm_eps == 1e-5
+    trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+    assert trainable == count_parameters(cfg).trainable  # the estimator agrees

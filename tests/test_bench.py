@@ -137,28 +137,48 @@ def test_training_with_cached_vision_features_gives_the_recomputed_loss_and_grad
 
 
 # The harness -------------------------------------------------------------------------------------
-def test_bench_json_on_tiny_random_returns_every_figure():
+@pytest.fixture(scope="module")
+def bench_json() -> dict:
+    """The bench's JSON for gpu_check's first CPU run (the tiny random model in 4-bit with the
+    memory savings, LoRA, checkpointing, batch 1), fewer repeats and shorter answers."""
+    from lisa_demo.gpu_check import CPU_RUNS
+
+    args = [*CPU_RUNS["tiny-random-4bit"], "--device", "cpu", "--json", "--repeats", "1",
+            "--train-steps", "1", "--answer-tokens", "8"]  # fmt: skip
     out = io.StringIO()
-    with redirect_stdout(out):
-        code = bench.main(
-            ["--preset", "tiny-random", "--json", "--repeats", "1", "--train-steps", "1"]
-        )
+    try:
+        with redirect_stdout(out):
+            code = bench.main(args)
+    finally:
+        torch.set_flush_denormal(False)  # the run's --flush-denormal must not outlive it
     assert code == 0
-    result = json.loads(out.getvalue())
-    assert {"model", "device", "machine", "repeats", "inference", "generation", "training",
-            "memory", "notes", "targets", "elapsed_s"} <= set(result)  # fmt: skip
+    return json.loads(out.getvalue())
+
+
+def test_bench_json_on_tiny_random_returns_every_figure(bench_json):
+    from lisa_demo.gpu_check import missing_fields
+
+    result = bench_json
+    assert {"model", "device", "machine", "repeats", "inference", "generation", "lisa_way",
+            "training", "memory", "notes", "targets", "elapsed_s"} <= set(result)  # fmt: skip
+    assert missing_fields(result) == []
+    assert result["model"]["quantization"] == "4bit" and result["model"]["lean_token_rows"]
     inference = result["inference"]
     for key in ("first_query_s", "second_query_s"):
         assert set(inference[key]) == {"image_encoding", "generation", "mask_decoding", "total"}
     assert inference["answer"] == bench.FORCED_ANSWER and inference["masks"] == 1
     for key in ("second_over_first", "batch_of_4_s", "four_single_queries_s"):
         assert inference[key] > 0
-    assert result["generation"]["new_tokens"] == bench.KV_TOKENS
+    assert result["generation"]["new_tokens"] == 8
     assert result["generation"]["same_tokens"] is True
     training = result["training"]
     assert training["cached_samples_per_s"] > 0 and training["uncached_samples_per_s"] > 0
     assert training["losses_finite"] is True and training["cache_hits"] > 0
+    assert training["offload_sam_encoder"] and training["vision_quantization"] == "8bit"
+    assert training["step_s"] > 0 and training["batch_size"] == 1
     assert result["memory"]["after_training_mib"] > 0
+    memory = result["memory"]  # CPU: estimates without measured GPU peaks
+    assert memory["inference_peak_mib"] is None and memory["training_estimate_mib"] > 0
     assert set(result["targets"]) == set(bench.TARGETS)
     for name, entry in result["targets"].items():
         assert {"value", "target", "met", "what"} <= set(entry)
@@ -166,7 +186,66 @@ def test_bench_json_on_tiny_random_returns_every_figure():
             assert entry["value"] is None and entry["met"] is None
         else:
             assert entry["met"] == _meets(entry["value"], *bench.TARGETS[name][:2])
-    assert 4.0 < result["targets"]["qlora_training_peak_gib"]["estimated"] < 8.0
+    assert 4.0 < result["targets"]["qlora_training_peak_gib"]["estimated"] < 5.0
+
+
+def test_lisa_way_answers_as_the_pipeline_does(bench_json):
+    """LISA's own way (no KV cache, encoders per question) gives the pipeline's answer: the
+    same forced tokens, the same greedy choices, the same mask."""
+    way = bench_json["lisa_way"]
+    assert way["new_tokens"] == 8
+    assert way["answer_tokens_generated"] == {"ours": 8, "lisa_way": 8}
+    assert way["lisa_way_over_ours"] == pytest.approx(way["lisa_way_s"] / way["first_question_s"])
+    assert way["second_over_first"] == pytest.approx(
+        way["second_question_s"] / way["first_question_s"]
+    )  # fmt: skip
+    parity = way["parity"]
+    assert parity["dtype"] == "torch.float32" and parity["steps"] == 8
+    # 4-bit on a CPU: bitsandbytes' one-token kernel differs from its many-token one
+    assert parity["max_rel_logit_diff"] < 1e-2 and parity["greedy_agreement"] == 1.0
+    assert parity["masks"] == [1, 1] and parity["mask_iou"] > 0.99
+
+
+def test_gpu_check_report_holds_every_field_and_a_summary(bench_json, monkeypatch, tmp_path):
+    """gpu_check's report and summary around the bench JSONs (its processes replaced by the
+    JSON the same code wrote in this process)."""
+    from lisa_demo import gpu_check
+
+    commands = []
+
+    def fake_run(command, timeout):
+        commands.append(command)
+        return {**bench_json, "wall_s": 1.0}
+
+    monkeypatch.setattr(gpu_check, "run_bench", fake_run)
+    code = gpu_check.main(["--cpu", "--out", str(tmp_path), "--repeats", "1"])
+    assert code == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["ok"] and set(report["runs"]) == set(gpu_check.CPU_RUNS)
+    assert all(fields == [] for fields in report["missing_fields"].values())
+    assert all("--device cpu" in " ".join(c) for c in commands)
+    text = (tmp_path / "gpu_check.txt").read_text()
+    assert "complete" in text and "LISA's way" in text and "parity" in text
+    # A run that lacks a field, or failed, makes the report incomplete.
+    broken = dict(bench_json)
+    del broken["lisa_way"]
+    assert "lisa_way.parity.mask_iou" in gpu_check.missing_fields(broken)
+    monkeypatch.setattr(gpu_check, "run_bench", lambda c, t: {"error": "exit status 1"})
+    assert gpu_check.main(["--cpu", "--out", str(tmp_path)]) == 1
+    assert "FAILED" in (tmp_path / "gpu_check.txt").read_text()
+
+
+def test_gpu_check_runs_the_real_size_presets_on_a_gpu():
+    from lisa_demo.gpu_check import GPU_RUNS
+
+    parser = bench.build_parser()
+    for args in GPU_RUNS.values():
+        cfg = bench.model_config(parser.parse_args(args), [])
+        assert cfg.random_weights and cfg.quantization == "4bit" and cfg.gradient_checkpointing
+        assert cfg.lean_token_rows and cfg.offload_sam_encoder
+    llava, lisa = (bench.model_config(parser.parse_args(a), []) for a in GPU_RUNS.values())
+    assert (llava.architecture, llava.sam) == ("llava-1.5-7b", "facebook/sam-vit-base")
+    assert lisa.architecture == "lisa-7b"
 
 
 def _meets(value: float, op: str, goal: float) -> bool:

@@ -78,7 +78,7 @@ def test_converted_folder_is_a_full_model_with_lisas_prompt(converted):
     assert cfg.prompt_format == "llava_v1" and cfg.heads == str(converted.resolve())
     sam = json.loads((converted / "sam" / "config.json").read_text())
     assert sam["mask_decoder_config"]["layer_norm_eps"] == 1e-5
-    assert sam["vision_config"]["global_attn_indexes"] == [1]
+    assert sam["vision_config"]["global_attn_indexes"] == [1, 3]
 
 
 def test_prompt_ids_equal_lisas(pipeline, lisa_source):
@@ -276,3 +276,38 @@ def test_fine_tune_from_a_converted_lisa_continues_from_its_weights(converted, t
     assert len(pipeline.segment(_image(), QUESTION).token_ids) == 2
     with pytest.raises(CheckpointError, match="made for"):
         load_lisa(full_model_config(BUNDLED_MODEL_DIR), checkpoint=last, device="cpu")
+    # Given only the checkpoint, the command line loads it on the base it names.
+    from lisa_demo.config import base_model_config
+
+    assert base_model_config(None, checkpoint=last) == full_model_config(converted)
+
+
+def test_a_hub_model_id_that_cannot_be_fetched_says_how_to_download(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="hf download someone/lisa-7b-studio --local-dir DIR"):
+        full_model_config("someone/lisa-7b-studio")
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_a_converted_lisa_loads_quantized_with_the_usual_skip_list(converted, bits):
+    """The language model's linears in 4-bit/8-bit; vision tower, both projector layers,
+    lm_head and SAM as they are (the skip list of llava-1.5-7b)."""
+    import bitsandbytes as bnb
+
+    from lisa_demo.infer.pipeline import LisaPipeline
+    from lisa_demo.loading import load_lisa
+
+    cfg = full_model_config(converted).replace(quantization=bits)
+    loaded = load_lisa(cfg, device="cpu")
+    llava = loaded.model.base_llava
+    kind = bnb.nn.Linear4bit if bits == "4bit" else bnb.nn.Linear8bitLt
+    assert isinstance(llava.model.language_model.layers[0].self_attn.q_proj, kind)
+    for module in (
+        llava.model.multi_modal_projector.linear_1,
+        llava.model.multi_modal_projector.linear_2,
+        llava.lm_head,
+        llava.model.vision_tower.encoder.layers[0].self_attn.q_proj,
+    ):
+        assert type(module) is torch.nn.Linear
+    result = LisaPipeline(loaded, max_new_tokens=3).segment(_image(), QUESTION)
+    assert len(result.token_ids) == 3

@@ -108,7 +108,11 @@ def test_checkpoint_scoring_is_exclusive_with_predictions(val_dir, tmp_path, cap
 
 
 def test_bad_dataset_is_a_clear_error(tmp_path, capsys):
-    assert main(["--dataset", str(tmp_path / "none"), "--predictions", str(tmp_path)]) == 1
+    # A missing folder is a bad path argument (2); a folder without samples is bad data (1).
+    assert main(["--dataset", str(tmp_path / "none"), "--predictions", str(tmp_path)]) == 2
+    assert "NAME.jpg + NAME.json" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["--dataset", str(tmp_path / "empty"), "--predictions", str(tmp_path)]) == 1
     assert "NAME.jpg + NAME.json" in capsys.readouterr().err
 
 

@@ -28,6 +28,7 @@ FAKE = ArchitectureCounts(
     image_tokens=4, sam_width=4, sam_heads=2, sam_grid=4, sam_image_size=16,
     sam_embedding_channels=4, decoder_width=4, vision_feature_dim=8,
 )  # fmt: skip
+NO_SAVINGS = dict(lean_token_rows=False, vision_quantization="none", offload_sam_encoder=False)
 SETTING = dict(
     quantization="4bit", precision="bf16", batch_size=1, seq_len=10, gradient_checkpointing=False,
     optimizer="adamw", new_tokens=2, masks_per_sample=1, cache_images=1, prefix_caches=1,
@@ -57,18 +58,19 @@ def test_training_arithmetic_by_hand():
     assert step["layer outputs (hidden states)"] == (2 + 1) * 10 * 8 * 2  # 480
     assert step["logits + fp32 loss copies"] == 3 * 50 * 10  # 1500: answer positions only
     assert step["merged lm_head copy"] == 50 * 8 * 2  # 800
+    assert step["full gradient of that copy"] == 50 * 8 * 2  # 800, made in backward
     # SAM decoder: 24 * 4 channels * 4^2 cells * 2 bytes = 3072, + 8 fp32 maps of 16^2 = 8192.
     assert step["SAM decoder + mask losses"] == 3072 + 8192
     assert step["dequantized weight"] == 192 * 2  # the largest 4-bit layer, in bf16
     assert step["autocast copies of trainable weights"] == 100 * 2
     encoder = plan.as_dict()["transients"]["SAM image encoder"]
     assert encoder == {"global-attention bias": 2 * 16 * 16 * 2, "encoder tensors": 8 * 16 * 4 * 2}
-    # Step: 480 + 6400 + 1500 + 800 + 11264 + 384 + 200 = 21028, more than the encoder's 2048.
-    # Resident: 516 + 400 + 200 + 400 + 400 + 800 = 2716.
-    assert plan.largest_transient == ("step activations", 21028)
-    assert plan.allocated == 2716 + 21028
-    assert plan.overhead == GIB // 2 + round(0.1 * 23744)
-    assert plan.total == 23744 + GIB // 2 + 2374
+    # Step: 480 + 6400 + 1500 + 800 + 800 + 11264 + 384 + 200 = 21828, more than the
+    # encoder's 2048. Resident: 516 + 400 + 200 + 400 + 400 + 800 = 2716.
+    assert plan.largest_transient == ("step activations", 21828)
+    assert plan.allocated == 2716 + 21828
+    assert plan.overhead == GIB // 2 + round(0.1 * 24544)
+    assert plan.total == 24544 + GIB // 2 + 2454
     assert plan.card == "8 GB"
 
 
@@ -76,13 +78,14 @@ def test_checkpointing_and_paged_optimizer_arithmetic():
     checkpointed = _estimate(gradient_checkpointing=True).training
     step = checkpointed.as_dict()["transients"]["step activations"]
     assert step["one layer recomputed in backward"] == 10 * 320  # instead of 2 layers' 6400
-    assert checkpointed.allocated == 23744 - 3200
+    assert checkpointed.allocated == 24544 - 3200
     paged = _estimate(optimizer="paged_adamw_8bit").training
     assert paged.as_dict()["resident"]["optimizer state"] == 100 * 2
-    assert paged.allocated == 23744 - 600
-    # Batch 2: per-token and per-mask terms double; the weight copies (800 + 384 + 200) do not.
+    assert paged.allocated == 24544 - 600
+    # Batch 2: per-token and per-mask terms double; the weight copies and the lm_head copy's
+    # gradient (800 + 800 + 384 + 200) do not.
     batch2 = _estimate(batch_size=2).training
-    assert batch2.allocated == 2716 + 2 * (21028 - 1384) + 1384
+    assert batch2.allocated == 2716 + 2 * (21828 - 2184) + 2184
 
 
 def test_heads_only_training_has_no_language_model_backward():
@@ -91,7 +94,7 @@ def test_heads_only_training_has_no_language_model_backward():
     ).training
     step = plan.as_dict()["transients"]["step activations"]
     assert step["LM layer activations"] == 0
-    assert step["merged lm_head copy"] == 0
+    assert step["merged lm_head copy"] == step["full gradient of that copy"] == 0
     assert plan.as_dict()["resident"]["trainable weights (fp32)"] == 50 * 4
     assert step["autocast copies of trainable weights"] == 50 * 2
 
@@ -178,7 +181,9 @@ def test_7b_qlora_estimate_orders_its_options():
         cfg, batch_size=1, gradient_checkpointing=True, sam_variant="base", prefix_caches=0
     )
     assert base.inference.allocated - no_prefix.inference.allocated == 2 * 2 * 32 * 580 * 4096 * 2
-    assert no_prefix.inference.allocated < base.training.allocated
+    plain = cfg.replace(**NO_SAVINGS)
+    plain_step = estimate_memory(plain, gradient_checkpointing=True, sam_variant="base").training
+    assert no_prefix.inference.allocated < plain_step.allocated
     table = base.as_table()
     assert "allocated peak" in table and "fits:" in table
 
@@ -196,3 +201,99 @@ def test_estimate_memory_cli_prints_json():
     assert result["setting"]["seq_len"] == 700 and result["setting"]["sam"] == "huge"
     assert result["training"]["card"] in ("8 GB", "12 GB")
     assert result["training"]["allocated_bytes"] < result["training"]["total_bytes"]
+
+
+# The memory savings (lisa_demo.memory_savings) -------------------------------------------------
+def test_each_saving_by_hand():
+    counts = replace(FAKE, vision_linear=64, vision_linear_rows=8, sam_encoder=90)
+    base = estimate_from_counts(counts, {}, **SETTING)
+    plan = base.training.as_dict()
+    assert plan["resident"]["vision, projector, embeddings, lm_head"] == 200 * 2
+    assert "CLIP tower linears" not in plan["resident"]
+    # Lean [SEG] rows: no merged copy and no full gradient of it (800 + 800), in training and
+    # in inference (the copy only).
+    lean = estimate_from_counts(counts, {}, **SETTING, lean_token_rows=True)
+    assert base.training.allocated - lean.training.allocated == 1600
+    assert base.inference.allocated - lean.inference.allocated == 800
+    # CLIP's 64 Linear weights (8 rows) in 8-bit: 64 bytes + an fp32 scale per row, instead
+    # of 64 x 2 bytes; in 4-bit: 64 x 4.127 / 8 = 33.02 -> 33 bytes.
+    for kind, size in (("8bit", 64 + 4 * 8), ("4bit", 33)):
+        quantized = estimate_from_counts(counts, {}, **SETTING, vision_quantization=kind)
+        resident = quantized.training.as_dict()["resident"]
+        assert resident["vision, projector, embeddings, lm_head"] == (200 - 64) * 2
+        assert resident["CLIP tower linears"] == size
+        for path in ("training", "inference"):
+            saved = getattr(base, path).allocated - getattr(quantized, path).allocated
+            assert saved == 64 * 2 - size
+    # SAM's encoder (90 of the 100 frozen SAM parameters) off the GPU: the prompt encoder stays
+    # (10 x 2 bytes); encoding every image first (encoder 180 bytes + its transient 2048) comes
+    # before gradients and optimizer state exist (400 + 800, now part of the step group).
+    offloaded = estimate_from_counts(counts, {}, **SETTING, offload_sam_encoder=True).training
+    plan = offloaded.as_dict()
+    assert plan["resident"]["SAM prompt encoder"] == 10 * 2
+    assert "gradients (fp32)" in plan["transients"]["step (encoder offloaded)"]
+    assert sum(plan["transients"]["encoding every image first"].values()) == 180 + 2048
+    assert offloaded.largest_transient == ("step (encoder offloaded)", 21828 + 1200)
+    assert base.training.allocated - offloaded.allocated == 180
+    # The encoding phase wins when the step is small: then it alone sets the peak.
+    small = replace(counts, sam_encoder=90, sam_grid=16)  # a 4x larger grid: 16^4 bias entries
+    phase = estimate_from_counts(small, {}, **SETTING, offload_sam_encoder=True).training
+    assert phase.largest_transient[0] == "encoding every image first"
+    inference = estimate_from_counts(counts, {}, **SETTING, offload_sam_encoder=True).inference
+    assert inference.allocated == base.inference.allocated  # inference keeps the encoder
+
+
+def test_llava_7b_qlora_step_is_under_5_gib_with_the_savings():
+    """The preset's savings against the step without them, each by independent arithmetic:
+    lm_head 32064 x 4096 bf16 twice; CLIP-L's 24 x (4 x 1024^2 + 2 x 1024 x 4096) Linear
+    weights from 2 bytes to 1 + 4 / row (24 x 9216 rows); SAM ViT-B's image encoder."""
+    cfg = preset("llava-1.5-7b")
+    assert (cfg.lean_token_rows, cfg.vision_quantization, cfg.offload_sam_encoder) == (
+        True, "8bit", True
+    )  # fmt: skip
+    kwargs = dict(batch_size=1, gradient_checkpointing=True, sam_variant="base")
+    plain = cfg.replace(**NO_SAVINGS)
+    before = estimate_memory(plain, **kwargs).training.allocated
+    after = estimate_memory(cfg, **kwargs).training.allocated
+    assert after <= 5.0 * GIB < before
+    counts = count_parameters(cfg, "base")
+    clip = 24 * (4 * 1024**2 + 2 * 1024 * 4096)
+    assert (counts.vision_linear, counts.vision_linear_rows) == (clip, 24 * 9216)
+    assert 89.6e6 < counts.sam_encoder < 89.7e6  # SAM ViT-B's image encoder: 89.67 M
+    lean = 2 * 32064 * 4096 * 2
+    eight_bit = clip * 2 - (clip + 4 * 24 * 9216)
+    assert before - after == lean + eight_bit + counts.sam_encoder * 2
+    for name, change, saved in (
+        ("lean", {"lean_token_rows": True}, lean),
+        ("8-bit CLIP", {"vision_quantization": "8bit"}, eight_bit),
+        ("offload", {"offload_sam_encoder": True}, counts.sam_encoder * 2),
+    ):
+        one = estimate_memory(plain.replace(**change), **kwargs).training.allocated
+        assert before - one == saved, name
+    four_bit = estimate_memory(cfg.replace(vision_quantization="4bit"), **kwargs).training
+    assert four_bit.allocated < after
+
+
+@pytest.mark.parametrize(
+    "name", ["lisa-7b-v1", "lisa-7b-v1-explanatory", "lisa-13b-llama2-v1",
+             "lisa-13b-llama2-v1-explanatory", "llava-1.5-7b", "llava-1.5-7b-sam-huge"],
+)  # fmt: skip
+def test_the_estimator_knows_every_full_size_preset(name):
+    estimate = estimate_memory(preset(name))
+    counts = estimate.counts
+    lisa = name.startswith("lisa")
+    assert counts.image_tokens == (256 if lisa else 576)
+    assert counts.sam_width == (1280 if lisa or "huge" in name else 768)
+    assert estimate.setting["seq_len"] == counts.image_tokens + (128 if lisa else 64)
+    assert 0 < estimate.training.allocated and 0 < estimate.inference.allocated
+    assert counts.hidden == (5120 if "13b" in name else 4096)
+
+
+def test_lisa_13b_needs_more_than_lisa_7b():
+    seven, thirteen = estimate_memory(preset("lisa-7b-v1")), estimate_memory(
+        preset("lisa-13b-llama2-v1")
+    )  # fmt: skip
+    assert seven.training.allocated < thirteen.training.allocated
+    assert seven.inference.allocated < thirteen.inference.allocated
+    # LLaMA-2 13B's 40 x (4 x 5120^2 + 3 x 5120 x 13824) Linear weights in NF4
+    assert thirteen.counts.quantizable == 40 * (4 * 5120**2 + 3 * 5120 * 13824)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -81,10 +82,13 @@ def test_dice_matches_the_reference_scaled_formula():
     assert empty.item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_loss_weights_are_validated():
-    assert (LossWeights().ce, LossWeights().bce, LossWeights().dice) == (1.0, 2.0, 0.5)
+def test_loss_weights_are_lisas_three_and_the_iou_option():
+    assert dataclasses.astuple(LossWeights()) == (1.0, 2.0, 0.5, 0.0)  # ce, bce, dice, iou
     with pytest.raises(ConfigError, match="bce"):
         LossWeights(bce=-1.0)
+    # A run recorded with a recipe's terms (older manifests and events) reads back LISA's.
+    recorded = {"ce": 1.0, "bce": 2.0, "dice": 1.0, "iou": 1.0, "target": 1.0, "pointing": 2.0}
+    assert LossWeights.from_fields(recorded) == LossWeights(1.0, 2.0, 1.0, 1.0)
 
 
 # Forward pass -------------------------------------------------------------------------------
@@ -111,6 +115,10 @@ def test_two_seg_tokens_give_two_masks_at_original_size_and_weighted_losses(
     assert out.mask_logits[0].shape == (2, *scene_image.shape[:2])
     assert out.scores[0].shape == (2,)
     assert not torch.allclose(out.mask_logits[0][0], out.mask_logits[0][1])
+    # The [SEG] states and their projections (the prompts SAM's decoder got) come back too.
+    assert out.seg_states.shape == (2, model.text_hidden_fcs[0].in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(out.prompts[0], model.project(out.seg_states))
     bce = sigmoid_bce_per_mask(out.mask_logits[0], gt[0]).mean()
     dice = dice_per_mask(out.mask_logits[0], gt[0]).mean()
     assert out.bce_loss.item() == pytest.approx(bce.item(), rel=1e-6)
@@ -210,104 +218,7 @@ def test_gradients_reach_exactly_what_lisa_trains(make_inputs, scene_image):
     assert all(params[n].grad is None for n in params if n not in expected)
 
 
-# The training-only seg-word head ------------------------------------------------------------
-def test_seg_word_loss_matches_a_hand_computation_and_only_counts_explained_masks(
-    tiny_loaded, make_inputs, scene_image, monkeypatch
-):
-    """Each mask query state predicts the answer tokens after its [SEG]: the mean of
-    -log softmax(head(state)) over that bag. A bag of under three tokens (no explanation) is
-    skipped, so the first [SEG] here does not count."""
-    from torch import nn
-
-    from lisa_demo.model import seg_query_mask
-
-    model = tiny_loaded.model
-    hidden = model.text_hidden_fcs[0].in_features
-    vocab = model.llava.get_input_embeddings().weight.shape[0]
-    torch.manual_seed(0)
-    head = nn.Linear(hidden, vocab)
-    weights = LossWeights(ce=1.0, bce=2.0, dice=0.5, seg_words=3.0)
-    monkeypatch.setattr(model, "seg_word_head", head)
-    monkeypatch.setattr(model, "loss_weights", weights)
-    answer = "Sure, [SEG] and [SEG]. It is the red square."
-    inputs = make_inputs(tiny_loaded, scene_image, QUESTION, answer)
-    gt = _targets(scene_image.shape[:2], 2)
-    model.train()
-    try:
-        with torch.no_grad():
-            out = model(**inputs, gt_masks=gt)
-            states = model.llava(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                pixel_values=inputs["pixel_values"],
-                output_hidden_states=True,
-            ).hidden_states[-1][0]
-    finally:
-        model.eval()
-    ids, labels = inputs["input_ids"][0], inputs["labels"][0]
-    second_seg = int((ids == tiny_loaded.seg_token_id).nonzero()[1])
-    bag = labels[second_seg + 1 :]
-    bag = bag[bag != -100]
-    assert len(bag) >= 6  # ". It is the red square." and the end token
-    query_states = states[seg_query_mask(inputs["input_ids"], tiny_loaded.seg_token_id)[0]]
-    with torch.no_grad():
-        direct = model.mask_query_states(
-            inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
-        )
-    torch.testing.assert_close(direct, query_states)  # the diagnostics' accessor
-    state = query_states[1]
-    log_probs = torch.log_softmax(head(state), dim=-1)
-    expected = -log_probs[bag].mean()
-    assert out.seg_word_loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    total = out.ce_loss + 2.0 * out.bce_loss + 0.5 * out.dice_loss + 3.0 * out.seg_word_loss
-    assert out.loss.item() == pytest.approx(total.item(), rel=1e-6)
-
-    # No explanation: nothing to predict, the total is LISA's. In eval mode: never computed.
-    plain = make_inputs(tiny_loaded, scene_image, QUESTION, "Sure, [SEG].")
-    model.train()
-    try:
-        with torch.no_grad():
-            out = model(**plain, gt_masks=_targets(scene_image.shape[:2], 1))
-    finally:
-        model.eval()
-    assert out.seg_word_loss is None
-    _check_total(out, weights)
-    with torch.no_grad():
-        assert model(**inputs, gt_masks=gt).seg_word_loss is None
-
-
-def test_seg_word_head_exists_only_when_weighted_and_its_weight_is_validated():
-    from lisa_demo.loading import load_lisa
-
-    assert load_lisa(preset("tiny-random"), device="cpu").model.seg_word_head is None
-    with pytest.raises(ConfigError, match="seg_words"):
-        LossWeights(seg_words=-0.5)
-
-
-# Click losses (pretraining from scratch only) -------------------------------------------------
-def test_interior_point_is_the_pixel_deepest_inside_the_target():
-    from lisa_demo.train.data import interior_point
-
-    mask = np.zeros((7, 9), dtype=np.uint8)
-    mask[1:6, 2:7] = 1  # a 5x5 square: its centre (4, 3) is farthest from the outline
-    mask[0, 0] = 255  # ignore pixels are not target
-    assert interior_point(mask) == (4.0, 3.0)
-    assert interior_point(np.zeros((4, 6), dtype=np.uint8)) == (2.5, 1.5)
-
-
-def test_click_prompt_is_sams_own_embedding_of_a_positive_click(tiny_loaded):
-    model = tiny_loaded.model
-    points = torch.tensor([[10.0, 20.0], [200.0, 31.5]])
-    with torch.no_grad():
-        ours = model.click_prompts(points)
-        sparse, _ = model.sam.prompt_encoder(
-            points.view(1, 2, 1, 2), torch.ones(1, 2, 1), None, None
-        )
-    # SAM appends a "not a point" padding token to point-only prompts; ours is the click alone.
-    assert sparse.shape == (1, 2, 2, ours.shape[1])
-    assert torch.allclose(ours, sparse[0, :, 0], atol=1e-6)
-
-
+# The tiny SAM ------------------------------------------------------------------------------
 def test_tiny_sam_position_features_have_sams_scale():
     """transformers draws them with std hidden_size // 2; SAM (and our tiny build) use 1."""
     from transformers import SamModel
@@ -321,39 +232,6 @@ def test_tiny_sam_position_features_have_sams_scale():
     built = load_lisa(preset("tiny-random"), device="cpu").model.sam
     std = built.shared_image_embedding.positional_embedding.std().item()
     assert 0.7 < std < 1.3
-
-
-def test_click_losses_add_a_click_mask_loss_and_a_prompt_pull(
-    tiny_loaded, make_inputs, scene_image, monkeypatch
-):
-    model = tiny_loaded.model
-    inputs = make_inputs(tiny_loaded, scene_image, QUESTION, "Sure, [SEG].")
-    gt = _targets(scene_image.shape[:2], 1)
-    clicks = [torch.tensor([[12.0, 20.0]])]
-    weights = LossWeights(point=0.5, prompt=2.0)
-    monkeypatch.setattr(model, "loss_weights", weights)
-    model.train()
-    try:
-        with torch.no_grad():
-            plain = model(**inputs, gt_masks=gt)
-            out = model(**inputs, gt_masks=gt, click_points=clicks)
-            states = model.mask_query_states(
-                inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
-            )
-            click = model.click_prompts(clicks[0])
-            embeddings = model.encode_images(inputs["sam_pixel_values"])
-            logits, _ = model.decode_masks(
-                [click], embeddings, inputs["input_sizes"], inputs["original_sizes"]
-            )
-    finally:
-        model.eval()
-    point = 2.0 * sigmoid_bce_per_mask(logits[0], gt[0]) + 0.5 * dice_per_mask(logits[0], gt[0])
-    prompt = torch.nn.functional.mse_loss(model.project(states), click)
-    assert out.point_loss.item() == pytest.approx(point.mean().item(), rel=1e-5)
-    assert out.prompt_loss.item() == pytest.approx(prompt.item(), rel=1e-5)
-    expected = plain.loss + 0.5 * out.point_loss + 2.0 * out.prompt_loss
-    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert plain.point_loss is None and plain.prompt_loss is None
 
 
 # Mask post-processing -----------------------------------------------------------------------

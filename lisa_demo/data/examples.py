@@ -20,6 +20,7 @@ from PIL import Image
 
 from lisa_demo.data.reasonseg import TARGET_VALUE, rasterize_shapes
 from lisa_demo.data.synthetic import FAMILIES, generate_scene
+from lisa_demo.paths import OUTPUT_FOLDER, check_cli_paths
 
 HELD_OUT_CONCEPT = "heart"  # left out of the bundled model's pretraining data
 
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=2026)
     args = parser.parse_args(argv)
+    if check_cli_paths(("--out", args.out, OUTPUT_FOLDER)):
+        return 2
     names = write_examples(args.out, args.seed)
     print(f"wrote {len(names)} examples to {args.out}")
     return 0

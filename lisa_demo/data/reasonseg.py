@@ -70,8 +70,9 @@ def is_flag_shape(shape: dict) -> bool:
 def polygon_points(shape: object) -> np.ndarray | None:
     """The shape's points as float64 [N, 2] (x, y), or None unless N >= 1 finite points.
 
-    One or two points are kept: LISA paints them too (a dot, a line). Points may lie outside the image (annotators click past the border); only coordinates
-    beyond the int32 range, where the pixel conversion is undefined, make a polygon unusable.
+    One or two points are kept: LISA paints them too (a dot, a line). Points may lie outside
+    the image (annotators click past the border); only coordinates beyond the int32 range,
+    where the pixel conversion is undefined, make a polygon unusable.
     """
     if not isinstance(shape, dict):
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +23,14 @@ from lisa_demo.config import (
     ConfigError,
     ModelConfig,
     base_model_config,
+)
+from lisa_demo.paths import (
+    CHECKPOINT,
+    CHECKPOINT_FOLDER,
+    FILE,
+    MODEL,
+    OUTPUT_FOLDER,
+    check_cli_paths,
 )
 
 EXIT_USER_ERROR = 2
@@ -67,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     """The preset, with the sources, quantization and precision the user overrode."""
-    cfg = base_model_config(args.preset, args.model, args.llava, args.sam)
+    cfg = base_model_config(args.preset, args.model, args.llava, args.sam, args.checkpoint)
     if args.llava or args.sam:
         llava, sam = cfg.llava, cfg.sam
         if cfg.build_tiny and not (args.llava and args.sam):
@@ -150,21 +159,38 @@ def print_human(report: dict) -> None:
         print(f"note: {report['message']}")
 
 
-def run(args: argparse.Namespace) -> int:
-    from lisa_demo.infer.pipeline import LisaPipeline, load_image, probability_to_logit
+def mask_folder(args: argparse.Namespace) -> Path:
+    return args.out_dir or Path("outputs") / Path(args.image).stem
 
+
+def path_arguments(args: argparse.Namespace) -> list[tuple]:
+    """(flag, value, kind) of every path the command reads or writes, for lisa_demo.paths."""
+    return [
+        ("--image", args.image, FILE, "an image file"),
+        ("--checkpoint", args.checkpoint, CHECKPOINT, CHECKPOINT_FOLDER),
+        ("--model", args.model, MODEL),
+        ("--llava", args.llava, MODEL),
+        ("--sam", args.sam, MODEL),
+        ("--out-dir", mask_folder(args), OUTPUT_FOLDER),
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    from lisa_demo.infer.pipeline import LisaPipeline, check_query, load_image, probability_to_logit
+
+    check_query(args.query)  # every argument is checked before a model loads
     if not 0.0 < args.threshold < 1.0:
         raise ConfigError(
             f"--threshold is a mask probability between 0 and 1, got {args.threshold}"
         )
     cfg = model_config(args)
     _check_device(args.device)
-    image = load_image(args.image)  # fail on a bad image before loading a model
+    image = load_image(args.image)
     pipeline = LisaPipeline.from_config(
         cfg, checkpoint=args.checkpoint, device=args.device, max_new_tokens=args.max_new_tokens
     )
     result = pipeline.segment(image, args.query, threshold=probability_to_logit(args.threshold))
-    out_dir = args.out_dir or Path("outputs") / Path(args.image).stem
+    out_dir = mask_folder(args)
     try:
         files = write_masks(result.masks, out_dir)
     except OSError as err:
@@ -178,23 +204,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """No progress bars or library chatter on a user's terminal."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 1:
         print("error: --max-new-tokens must be at least 1", file=sys.stderr)
         return EXIT_USER_ERROR
-    _quiet_libraries()
+    if not math.isfinite(args.threshold):
+        print(f"error: --threshold must be a finite number, got {args.threshold}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if check_cli_paths(*path_arguments(args)):
+        return EXIT_USER_ERROR
     from lisa_demo.checkpoint import CheckpointError
     from lisa_demo.infer.pipeline import InputError
-    from lisa_demo.loading import ModelLoadError
+    from lisa_demo.loading import ModelLoadError, quiet_library_output
+
+    quiet_library_output()
 
     try:
         return run(args)

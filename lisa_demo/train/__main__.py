@@ -15,10 +15,15 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelLoadError)
 
 def _record_early_failure(argv: list[str] | None, error: Exception) -> None:
     """A run refused before it started still tells events.jsonl readers (the app) why."""
+    from lisa_demo.paths import OUTPUT_FOLDER, PathError, check_path
     from lisa_demo.train.events import EventLog
     from lisa_demo.train.options import build_parser
 
     known, _ = build_parser().parse_known_args(argv)
+    try:
+        check_path("--output-dir", known.output_dir, OUTPUT_FOLDER)
+    except PathError:
+        return  # nowhere to record it: the error line says why
     log = EventLog(known.output_dir)
     log.emit("end", status="failed", error=str(error), step=0)
     log.close()
@@ -35,9 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         _record_early_failure(argv, err)
         return 2
     try:
+        from lisa_demo.loading import quiet_library_output
         from lisa_demo.train.loop import train
+        from lisa_demo.train.pretrain.recipe import recipe_for
 
-        result = train(cfg)  # records its own failures in events.jsonl
+        quiet_library_output()  # a refusal after loading is one line, as before it
+        result = train(cfg, recipe_for(cfg.pretrain, cfg.seed))  # records its own failures
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

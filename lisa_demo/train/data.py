@@ -7,20 +7,17 @@ reused across the queries of that image and across epochs (in memory, optionally
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from lisa_demo.data.prompts import EVAL_ANSWER, eval_question, training_answer, training_question
 from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
-from lisa_demo.data.synthetic import target_classes
 from lisa_demo.inputs import (
     EncodedImage,
     PromptFormat,
@@ -36,16 +33,6 @@ from lisa_demo.inputs import (
 class PreparedImage:
     encoded: EncodedImage
     mask: np.ndarray  # HxW uint8, 0 / 1 / 255
-    # Synthetic scenes: the target's (kind, colour, size, region) indices, else None.
-    target_classes: tuple[int, int, int, int] | None = None
-
-
-def _target_classes(record) -> tuple[int, int, int, int] | None:
-    try:
-        annotation = json.loads(Path(record.json_path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return target_classes(annotation) if isinstance(annotation, dict) else None
 
 
 IMAGE_STORE_SIZE = 4096  # default number of preprocessed images kept in memory
@@ -72,7 +59,7 @@ class ImageStore:
         self.sam_processor = sam_processor
         self.capacity = capacity
         self._images: OrderedDict[tuple, EncodedImage] = OrderedDict()
-        self._labels: OrderedDict[Path, tuple] = OrderedDict()
+        self._masks: OrderedDict[Path, np.ndarray] = OrderedDict()
 
     def _lookup(self, items: OrderedDict, key, make):
         item = items.get(key)
@@ -91,10 +78,8 @@ class ImageStore:
             file_identity(Path(record.image_path)),
             lambda: encode_image(record.load_image(), self.processor, self.sam_processor),
         )
-        mask, classes = self._lookup(
-            self._labels, record.json_path, lambda: (record.load_mask(), _target_classes(record))
-        )
-        return PreparedImage(encoded, mask, classes)
+        mask = self._lookup(self._masks, record.json_path, record.load_mask)
+        return PreparedImage(encoded, mask)
 
 
 class TextEncoder:
@@ -172,7 +157,6 @@ class SampleBatcher:
             original_sizes=[e.original_size for e in encoded],
             image_keys=[e.key for e in encoded],
             masks=[p.mask for p in prepared],
-            target_classes=[p.target_classes for p in prepared],
         )
         return batch
 
@@ -182,39 +166,14 @@ def training_targets(masks: list[np.ndarray]) -> list[torch.Tensor]:
     return [torch.from_numpy((m == 1).astype(np.float32))[None] for m in masks]
 
 
-def interior_point(mask: np.ndarray) -> tuple[float, float]:
-    """(x, y) of the target pixel farthest from the target's outline (the centre of an empty
-    mask). mask: HxW, 1 = target."""
-    target = np.pad((mask == 1).astype(np.uint8), 1)
-    if not target.any():
-        return (mask.shape[1] - 1) / 2, (mask.shape[0] - 1) / 2
-    depth = cv2.distanceTransform(target, cv2.DIST_L2, 3)
-    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
-    return float(x - 1), float(y - 1)
-
-
-def click_points(batch: dict) -> list[torch.Tensor]:
-    """Per sample [1, 2]: a click inside the target, in SAM's input frame (resized image)."""
-    clicks = []
-    for mask, (h, w), (height, width) in zip(
-        batch["masks"], batch["input_sizes"], batch["original_sizes"], strict=True
-    ):
-        x, y = interior_point(mask)
-        clicks.append(torch.tensor([[x * w / width, y * h / height]], dtype=torch.float32))
-    return clicks
-
-
 def training_inputs(
-    batch: dict, device, cache, encode, feature_cache=None, encode_features=None,
-    clicks: bool = False, targets: bool = False,
-) -> dict:  # fmt: skip
+    batch: dict, device, cache, encode, feature_cache=None, encode_features=None
+) -> dict:
     """LisaModel.forward keyword arguments for a training batch on `device`.
 
     With `cache`, SAM embeddings come from it (`encode` fills misses) instead of SAM pixels;
     with `feature_cache`, LLaVA's projected vision features come from it (`encode_features`
     fills misses) instead of CLIP pixels. Both are only valid for frozen encoders.
-    `clicks` adds a click inside each target (the pretraining-only click losses), `targets`
-    each target's description classes (the pretraining-only target losses; -1 if unknown).
     """
     inputs = {
         "input_ids": batch["input_ids"].to(device),
@@ -224,13 +183,6 @@ def training_inputs(
         "original_sizes": batch["original_sizes"],
         "gt_masks": training_targets(batch["masks"]),
     }
-    if clicks:
-        inputs["click_points"] = click_points(batch)
-    if targets:
-        inputs["target_classes"] = [
-            torch.tensor([list(c) if c is not None else [-1] * 4], dtype=torch.long)
-            for c in batch["target_classes"]
-        ]
     if cache is not None:
         inputs["image_embeddings"] = cache.embeddings(batch, encode, device)
     else:

@@ -2,6 +2,10 @@
 
 python -m lisa_demo.train --synthetic 64 --output-dir runs/demo --max-steps 50
 accelerate launch -m lisa_demo.train --dataset data/reasonseg --preset llava-1.5-7b ...
+
+The loop trains LISA. A training recipe may add to it through `Recipe` (the bundled tiny
+model's from-scratch recipe, lisa_demo.train.pretrain, is one); the loop knows nothing else
+about it.
 """
 
 from __future__ import annotations
@@ -14,18 +18,22 @@ import resource
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Protocol
 
 import torch
+from torch import nn
 
+from lisa_demo.atomic import complete_folder, recover_interrupted_writes
 from lisa_demo.checkpoint import WEIGHTS, save_checkpoint
 from lisa_demo.config import ConfigError
-from lisa_demo.cpu_speed import adamw_options
 from lisa_demo.data.reasonseg import ReasonSegDataset, Sample
 from lisa_demo.loading import LoadedLisa, load_lisa, save_full_model
+from lisa_demo.model import LisaModel
 from lisa_demo.train import replay
-from lisa_demo.train.data import EmbeddingCache, SampleBatcher, file_identity, training_inputs
+from lisa_demo.train.data import EmbeddingCache, SampleBatcher, training_inputs
 from lisa_demo.train.evaluate import evaluate_samples, seg_rate
 from lisa_demo.train.events import EventLog, ProgressPrinter, load_history
 from lisa_demo.train.options import TrainConfig
@@ -35,6 +43,25 @@ from lisa_demo.train.state import (
     save_optimizer,
     save_trainer_state,
 )
+
+
+class Recipe(Protocol):
+    """What a training recipe adds to LISA's loop; each method is called at one point."""
+
+    def attach(self, model: LisaModel) -> None:
+        """Add training-only modules to the model, before a checkpoint's weights load."""
+
+    def before_loop(
+        self, model: LisaModel, batcher: SampleBatcher, train_set: ReasonSegDataset,
+        n_train: int, world: int, emit: Callable[..., None], should_stop: Callable[[], bool],
+    ) -> bool:  # fmt: skip
+        """Stages before the loop's first step (a fresh run only); True when they ran."""
+
+    def batch_inputs(self, samples: list[Sample], batch: dict) -> dict:
+        """Extra forward arguments for one training batch."""
+
+    def wrap(self, model: LisaModel) -> nn.Module:
+        """The module the loop trains: LISA's forward and loss plus the recipe's terms."""
 
 
 def lr_at(
@@ -76,7 +103,6 @@ def build_optimizer(
     With --mask-lr-scale other than 1, the parameters whose ids are in `mask_side` form a
     second group whose "lr_scale" the loop multiplies the scheduled learning rate by."""
     kwargs = {"lr": cfg.learning_rate, "betas": (0.9, 0.95), "weight_decay": cfg.weight_decay}
-    options = adamw_options(params)
     if mask_side and cfg.mask_lr_scale != 1.0:
         groups = [
             {"params": [p for p in params if id(p) not in mask_side], "lr_scale": 1.0},
@@ -91,7 +117,7 @@ def build_optimizer(
                 "--optimizer paged_adamw_8bit needs bitsandbytes: pip install bitsandbytes"
             ) from err
         return bnb.optim.PagedAdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs, **options)
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -249,8 +275,9 @@ def write_checkpoint(
 def init_folder(path: Path) -> Path:
     """A checkpoint folder, or a run folder whose checkpoints/warmed is one (--init-from)."""
     for candidate in (path, path / "checkpoints" / "warmed"):
-        if (candidate / WEIGHTS).exists():
-            return candidate
+        folder = complete_folder(candidate)
+        if folder is not None and (folder / WEIGHTS).exists():
+            return folder
     raise ConfigError(
         f"--init-from {path}: no checkpoint there (a folder with {WEIGHTS}, or a "
         "run folder with checkpoints/warmed from --save-warmed)"
@@ -260,13 +287,23 @@ def init_folder(path: Path) -> Path:
 def resume_folder(path: Path) -> Path:
     """A run folder (its checkpoints/last) or a checkpoint folder."""
     for candidate in (path / "checkpoints" / "last", path / "checkpoints" / "best", path):
-        if (candidate / "trainer_state.json").exists():
-            return candidate
+        folder = complete_folder(candidate)
+        if folder is not None and (folder / "trainer_state.json").exists():
+            return folder
     raise ConfigError(f"--resume {path}: no checkpoints/last with trainer_state.json there")
 
 
+def remove_leftovers(output_dir: Path) -> None:
+    """What a killed earlier run in `output_dir` left: a checkpoint caught between its two
+    renames is put back in place, temporary checkpoint and data folders are deleted."""
+    recover_interrupted_writes(output_dir / "checkpoints")
+    if output_dir.is_dir():
+        for stale in output_dir.glob(".data-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 # The loop --------------------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, recipe: Recipe | None = None) -> TrainResult:
     """Run training; returns its end status ("finished" or "stopped") and the retention
     warning, if any. Raises on failure."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -280,12 +317,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     stop = StopRequest(cfg.max_minutes)
+    if accelerator.is_main_process:
+        remove_leftovers(cfg.output_dir)
+    accelerator.wait_for_everyone()
     resume = resume_folder(cfg.resume) if cfg.resume else None
     history = load_history(cfg.resume if cfg.resume and (cfg.resume / "events.jsonl").exists()
                            else cfg.output_dir) if resume else []  # fmt: skip
     events = EventLog(cfg.output_dir, enabled=accelerator.is_main_process, history=history)
     try:
-        return _run(cfg, accelerator, events, stop, resume)
+        return _run(cfg, accelerator, events, stop, resume, recipe)
     except BaseException as err:
         events.emit("end", status="failed", error=f"{type(err).__name__}: {err}")
         raise
@@ -293,7 +333,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         events.close()
 
 
-def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, resume) -> TrainResult:
+def _run(
+    cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, resume,
+    recipe: Recipe | None,
+) -> TrainResult:  # fmt: skip
     entered = time.monotonic()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -315,23 +358,22 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
     retention: list[Sample] = plan.retention if plan is not None else []
     init = init_folder(cfg.init_from) if cfg.init_from is not None else None
     printer.line("loading the model")
-    loaded = load_lisa(cfg.model, checkpoint=resume or init, device=device, for_training=True)
-    model = loaded.model
-    warm_up = resume is None and bool(cfg.vision_warmup_minutes or cfg.sam_warmup_minutes)
-    if warm_up and world > 1:
-        raise ConfigError("the encoder warm-ups run in one process: drop accelerate launch")
-    params = [p for p in model.parameters() if p.requires_grad]
+    loaded = load_lisa(cfg.model, checkpoint=resume or init, device=device, for_training=True,
+                       attach=recipe.attach if recipe else None)  # fmt: skip
+    core = loaded.model
+    params = [p for p in core.parameters() if p.requires_grad]
     if cfg.freeze_encoders:
         # The encoders keep requires_grad (checkpoints of a --train-all run hold every
         # weight) but leave the optimizer; their outputs come from the caches below.
-        frozen = {id(p) for p in _encoder_parameters(model)}
+        frozen = {id(p) for p in _encoder_parameters(core)}
         params = [p for p in params if id(p) not in frozen]
-        model.train_sam_encoder = False
+        core.train_sam_encoder = False
     for p in params:  # master weights in fp32; autocast does the low-precision math
         p.data = p.data.float()
-    optimizer = build_optimizer(params, cfg, {id(p) for p in _mask_side_parameters(model)})
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core = accelerator.unwrap_model(model)
+    optimizer = build_optimizer(params, cfg, {id(p) for p in _mask_side_parameters(core)})
+    # `model` is what trains (the recipe's wrapper, if any); `core` the LisaModel inside it,
+    # whose weights are saved, evaluated and exported.
+    model, optimizer = accelerator.prepare(recipe.wrap(core) if recipe else core, optimizer)
     batcher = SampleBatcher(
         loaded.processor,
         loaded.sam_processor,
@@ -350,9 +392,6 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         if cfg.freeze_encoders or not _vision_trains(core):
             feature_cache = EmbeddingCache(f"{llava_id}/vision", disk_dir=cfg.embedding_cache_dir)
 
-    weights = cfg.model.losses
-    clicks = bool(weights.point or weights.prompt)
-    targets = bool(weights.target)
     per_epoch = max(1, (n_train // world) // cfg.batch_size // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
     epochs = cfg.epochs if not cfg.max_steps else math.ceil(cfg.max_steps / per_epoch)
@@ -393,9 +432,11 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
         + f", {total_steps} steps; validation on {len(val_samples)} new-data images"
         + (f" and {len(retention)} retention images" if retention else "")
     )
-    if warm_up:  # pretraining only: the encoders' own stages, before the LISA loop
-        _warm_up(cfg, core, batcher, warmup_samples(train_set, n_new, cfg.warmup_images),
-                 events, stop)  # fmt: skip
+    warmed = (
+        resume is None
+        and recipe is not None
+        and recipe.before_loop(core, batcher, train_set, n_new, world, events.emit, stop.local)
+    )
 
     def evaluate_now(before: bool = False) -> dict:
         acc, _ = evaluate_samples(core, batcher, val_samples, cfg.batch_size, device, cache,
@@ -433,8 +474,22 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
                         metric=(metrics or {}).get(cfg.select_metric))  # fmt: skip
         accelerator.wait_for_everyone()
 
-    if warm_up and cfg.save_warmed:  # every weight, before any LISA-loop step (--init-from)
+    if warmed and cfg.save_warmed:  # every weight, before any LISA-loop step (--init-from)
         save("warmed", None)
+    if cfg.model.offload_sam_encoder and cache is not None and world == 1:
+        # Every image encoded now (the work of the first epoch's cache misses, done earlier),
+        # then SAM's image encoder leaves the GPU. One process only: DDP keeps its module's
+        # buffers on one device.
+        from lisa_demo.memory_savings import offload
+
+        train_images = [train_set[i] for i in range(n_new)]
+        if plan is not None and plan.replay is not None:  # every replay sample may be drawn
+            train_images += [plan.replay[i] for i in range(len(plan.replay))]
+        encoded = encode_every_image(core, batcher, train_images + val_samples + retention,
+                                     cache, device, cfg.batch_size)  # fmt: skip
+        offload(core.sam.vision_encoder)
+        events.emit("sam_encoder_offloaded", images_encoded=encoded,
+                    memory_mb=round(peak_memory_mb(device), 1))  # fmt: skip
 
     status = "finished"
     last_metrics: dict | None = None
@@ -454,8 +509,9 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
             samples = [train_mix[i] for i in batch_indices]
             batch = batcher(samples, training=True, epoch=progress.epoch, indices=batch_indices)
             inputs = training_inputs(batch, device, cache, core.encode_images, feature_cache,
-                                     core.encode_image_features, clicks=clicks,
-                                     targets=targets)  # fmt: skip
+                                     core.encode_image_features)  # fmt: skip
+            if recipe is not None:
+                inputs.update(recipe.batch_inputs(samples, batch))
             micro += 1
             sync = micro % cfg.grad_accum == 0 or index == len(batches) - 1
             with accelerator.autocast():
@@ -497,12 +553,7 @@ def _run(cfg: TrainConfig, accelerator, events: EventLog, stop: StopRequest, res
                 per_step = (time.monotonic() - run_start) / max(1, progress.step - start_step)
                 events.emit(
                     "log", step=progress.step, epoch=progress.epoch,
-                    loss=float(out.loss.detach()), ce_loss=_num(out.ce_loss),
-                    bce_loss=_num(out.bce_loss), dice_loss=_num(out.dice_loss),
-                    iou_loss=_num(out.iou_loss), seg_word_loss=_num(out.seg_word_loss),
-                    point_loss=_num(out.point_loss), prompt_loss=_num(out.prompt_loss),
-                    target_loss=_num(out.target_loss),
-                    pointing_loss=_num(out.pointing_loss), lr=lr,
+                    loss=float(out.loss.detach()), **_loss_terms(out), lr=lr,
                     samples_per_sec=window_samples / max(elapsed, 1e-9),
                     memory_mb=round(peak_memory_mb(device), 1), total_steps=total_steps,
                     eta_seconds=round(per_step * (total_steps - progress.step), 1),
@@ -597,6 +648,27 @@ def _report_estimate(
     return TrainResult("estimated")
 
 
+def encode_every_image(
+    model, batcher: SampleBatcher, samples: list[Sample], cache: EmbeddingCache, device,
+    batch_size: int,
+) -> int:  # fmt: skip
+    """Put the SAM embedding of every image of `samples` into `cache` (once per image);
+    returns how many were encoded."""
+    from lisa_demo.memory_savings import encode_all
+
+    images = {}
+    for sample in samples:
+        encoded = batcher.images.get(sample).encoded
+        images.setdefault(encoded.key, encoded.sam_pixel_values)
+    keys = list(images)
+    batches = (
+        {"image_keys": keys[i : i + batch_size],
+         "sam_pixel_values": torch.stack([images[k] for k in keys[i : i + batch_size]])}
+        for i in range(0, len(keys), batch_size)
+    )  # fmt: skip
+    return encode_all(batches, cache, model.encode_images, device)
+
+
 def _saved_at(cfg: TrainConfig, step: int) -> bool:
     """Whether checkpoints/last already holds this step (saved at the final evaluation)."""
     state = cfg.output_dir / "checkpoints" / "last" / "trainer_state.json"
@@ -616,46 +688,16 @@ def _mask_side_parameters(model) -> list[torch.nn.Parameter]:
     return [p for part in parts for p in part.parameters()]
 
 
+def _loss_terms(out) -> dict[str, float | None]:
+    """Every `*_loss` term of a forward's output (LISA's, plus a recipe's)."""
+    return {f.name: _num(getattr(out, f.name)) for f in fields(out) if f.name.endswith("_loss")}
+
+
 def _encoder_parameters(model) -> list[torch.nn.Parameter]:
     """CLIP's tower and projector and SAM's image encoder (what --freeze-encoders keeps)."""
     llava = model.base_llava.model
     parts = (llava.vision_tower, llava.multi_modal_projector, model.sam.vision_encoder)
     return [p for part in parts for p in part.parameters()]
-
-
-def warmup_samples(train_set, n_train: int, images: int = 0) -> list[Sample]:
-    """The training samples of the first `images` distinct images (all when 0; hard links to
-    one image file count once)."""
-    samples = [train_set[i] for i in range(n_train)]
-    if not images:
-        return samples
-    kept: set = set()
-    chosen = []
-    for sample in samples:
-        image = file_identity(Path(sample.record.image_path))
-        if image not in kept and len(kept) >= images:
-            continue
-        kept.add(image)
-        chosen.append(sample)
-    return chosen
-
-
-def _warm_up(cfg: TrainConfig, model, batcher: SampleBatcher, samples, events: EventLog,
-             stop: StopRequest) -> None:  # fmt: skip
-    """The pretraining-only encoder stages (lisa_demo.train.warmup), before the LISA loop.
-    They share the loop's batcher, so each image is decoded and preprocessed once."""
-    from lisa_demo.train import warmup
-
-    model.train()
-    if cfg.vision_warmup_minutes:
-        warmup.warm_up_vision(model, batcher, samples, cfg.vision_warmup_minutes,
-                              learning_rate=cfg.vision_warmup_lr, seed=cfg.seed,
-                              emit=events.emit, should_stop=stop.local)  # fmt: skip
-    if cfg.sam_warmup_minutes:
-        warmup.warm_up_sam(model, batcher, samples, cfg.sam_warmup_minutes,
-                           learning_rate=cfg.sam_warmup_lr, seed=cfg.seed,
-                           bce_weight=cfg.model.losses.bce, dice_weight=cfg.model.losses.dice,
-                           emit=events.emit, should_stop=stop.local)  # fmt: skip
 
 
 def _vision_trains(model) -> bool:
@@ -687,8 +729,8 @@ def _end_epoch(events: EventLog, progress: Progress, metrics, cache, is_main: bo
 def _export_best(cfg: TrainConfig, loaded: LoadedLisa, core) -> None:
     from lisa_demo.checkpoint import load_trainable_state
 
-    best = cfg.output_dir / "checkpoints" / "best"
-    if best.exists():
+    best = complete_folder(cfg.output_dir / "checkpoints" / "best")
+    if best is not None:
         load_trainable_state(best, core)
     path = save_full_model(loaded, cfg.output_dir / "model")
     print(f"exported the best model to {path}")

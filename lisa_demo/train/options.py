@@ -21,6 +21,9 @@ from lisa_demo.config import (
     base_model_config,
 )
 from lisa_demo.data.synthetic import DEFAULT_EXTRA_FAMILIES, EXTRA_FAMILIES
+from lisa_demo.paths import CHECKPOINT, FILE, FOLDER, MODEL, OUTPUT_FOLDER, check_paths
+from lisa_demo.train import pretrain
+from lisa_demo.train.pretrain import PretrainOptions
 
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
@@ -77,14 +80,10 @@ class TrainConfig:
     # Decoded, preprocessed training images kept in memory (LRU); past it, images decode again.
     image_store_size: int = 4096
     export_model: bool = False  # full training: also write OUT/model as a loadable base
-    # Pretraining from scratch only (--train-all; not in LISA), see lisa_demo.train.warmup:
-    vision_warmup_minutes: float = 0.0  # CLIP learns to label its patches first
-    sam_warmup_minutes: float = 0.0  # SAM learns to segment from a click first
-    vision_warmup_lr: float = 1e-3  # peak learning rates of the two warm-ups (cosine over
-    sam_warmup_lr: float = 1e-3  # each one's minutes)
-    freeze_encoders: bool = False  # then the LISA loop leaves both image encoders as they are
+    freeze_encoders: bool = False  # --train-all: the loop leaves both image encoders as they are
     save_warmed: bool = False  # write checkpoints/warmed between the warm-ups and the LISA loop
-    warmup_images: int = 0  # the warm-ups draw from the first N training images; 0 = all
+    # The from-scratch recipe (not in LISA; off by default): lisa_demo.train.pretrain.
+    pretrain: PretrainOptions = field(default_factory=PretrainOptions)
     # Fine-tuning without forgetting (lisa_demo.train.replay): the share of each epoch drawn
     # from the base model's domain, where that comes from, and the retention loss that warns.
     replay_share: float = 0.5
@@ -124,9 +123,6 @@ class TrainConfig:
             "num_workers",
             "weight_decay",
             "max_minutes",
-            "vision_warmup_minutes",
-            "sam_warmup_minutes",
-            "warmup_images",
             "synthetic_extra_queries",
             "replay_scenes",
             "retention_margin",
@@ -134,9 +130,6 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")  # fmt: skip
-        for name in ("vision_warmup_lr", "sam_warmup_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
         if self.image_store_size < 1:
             raise ConfigError(f"--image-store-size must be at least 1, got {self.image_store_size}")
         if not 0.0 <= self.replay_share < 1.0:  # also refuses NaN
@@ -157,7 +150,7 @@ class TrainConfig:
             raise ConfigError(f"--metric must be one of {METRICS}")
         if self.queries not in ("all", "random"):
             raise ConfigError("--queries must be all or random")
-        warmups = self.vision_warmup_minutes or self.sam_warmup_minutes
+        warmups = self.pretrain.warms_up
         if self.init_from is not None and self.resume is not None:
             raise ConfigError("use either --resume (continue a run) or --init-from, not both")
         if self.init_from is not None and warmups:
@@ -288,6 +281,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(p, "train-all", action="store_true", help="pretraining: every weight trains")
     _add(p, "gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    _add(
+        p,
+        "lean-token-rows",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train the [SEG] rows without peft's merged copies of embed_tokens and lm_head "
+        "(same values, less GPU memory; default: the preset's, on for the 7B presets)",
+    )
+    _add(
+        p,
+        "vision-quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="hold CLIP's frozen vision tower in 8-bit or 4-bit (default: the preset's, 8bit "
+        "for the 7B presets)",
+    )
+    _add(
+        p,
+        "offload-sam-encoder",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="encode every image first, then move SAM's image encoder off the GPU (default: "
+        "the preset's, on for the 7B presets; needs the embedding cache)",
+    )
     _add(p, "epochs", type=int, default=1)
     _add(p, "max-steps", type=int, default=0)
     _add(p, "max-minutes", type=float, default=0.0)
@@ -346,47 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "bce-weight", type=float, default=2.0)
     _add(p, "dice-weight", type=float, default=0.5)
     _add(p, "iou-weight", type=float, default=0.0, help="train SAM's IoU head (not in LISA)")
-    _add(
-        p,
-        "seg-word-weight",
-        type=float,
-        default=0.0,
-        help="not in LISA: a training-only head makes each mask query state predict the "
-        "explanation's words (for training from scratch)",
-    )
-    _add(
-        p,
-        "point-weight",
-        type=float,
-        default=0.0,
-        help="not in LISA, for training from scratch: SAM also segments each target from a "
-        "click inside it (BCE + Dice with the mask weights, times this)",
-    )
-    _add(
-        p,
-        "prompt-weight",
-        type=float,
-        default=0.0,
-        help="not in LISA, for training from scratch: MSE pulling each [SEG] prompt towards "
-        "SAM's prompt for a click inside the target",
-    )
-    _add(
-        p,
-        "target-weight",
-        type=float,
-        default=0.0,
-        help="not in LISA, for training from scratch on synthetic scenes: each [SEG] state "
-        "predicts its target's kind, colour, size and region (a training-only head), and its "
-        "prompt is pulled towards the description prompt SAM learned in the SAM warm-up",
-    )
-    _add(
-        p,
-        "pointing-weight",
-        type=float,
-        default=0.0,
-        help="not in LISA, for training from scratch: the first attention head of the language "
-        "model's last layer, at each [SEG] query, learns to attend to its target's image patches",
-    )
+    pretrain.options.add_arguments(p, _add)
     _add(p, "embedding-cache-dir", type=Path, default=None)
     _add(p, "no-embedding-cache", action="store_true")
     _add(
@@ -399,45 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
         "it, every epoch decodes and preprocesses images again",
     )
     _add(p, "export-model", action="store_true", help="full training: write OUT/model")
-    _add(
-        p,
-        "warmup-images",
-        type=int,
-        default=0,
-        help="the encoder warm-ups draw from the first N training images only (0 = all): a "
-        "time-budgeted warm-up spends its first pass decoding every image it meets, so a large "
-        "set leaves it fewer steps",
-    )
-    _add(
-        p,
-        "vision-warmup-minutes",
-        type=float,
-        default=0.0,
-        help="--train-all, not in LISA: first train CLIP for this long to label its patches "
-        "(kind, colour, size of the object under each; synthetic scenes)",
-    )
-    _add(
-        p,
-        "sam-warmup-minutes",
-        type=float,
-        default=0.0,
-        help="--train-all, not in LISA: first train SAM for this long to segment each target "
-        "from a click inside it",
-    )
-    _add(
-        p,
-        "vision-warmup-lr",
-        type=float,
-        default=TrainConfig.vision_warmup_lr,
-        help="peak learning rate of the CLIP warm-up (AdamW, cosine over its minutes)",
-    )
-    _add(
-        p,
-        "sam-warmup-lr",
-        type=float,
-        default=TrainConfig.sam_warmup_lr,
-        help="peak learning rate of the SAM warm-up (AdamW, cosine over its minutes)",
-    )
     _add(
         p,
         "freeze-encoders",
@@ -517,6 +455,9 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         "lora_alpha",
         "lora_dropout",
         "gradient_checkpointing",
+        "lean_token_rows",
+        "vision_quantization",
+        "offload_sam_encoder",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -532,18 +473,22 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         changes["train_projector"] = True
     if args.train_all:
         changes.update(train_all=True, use_lora=False, quantization="none")
+        # The presets' memory savings freeze the encoders; asked for explicitly, they are an
+        # error (ModelConfig says so).
+        changes.setdefault("vision_quantization", "none")
+        changes.setdefault("offload_sam_encoder", False)
     elif "use_lora" not in changes:
         changes["use_lora"] = True  # fine-tuning default: LoRA on the language model
     changes["losses"] = LossWeights(
-        args.ce_weight, args.bce_weight, args.dice_weight, args.iou_weight, args.seg_word_weight,
-        args.point_weight, args.prompt_weight, args.target_weight, args.pointing_weight,
-    )  # fmt: skip
+        args.ce_weight, args.bce_weight, args.dice_weight, args.iou_weight
+    )
     return cfg.replace(**changes)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse and validate; raises ConfigError (one clear line) on nonsense."""
     args = build_parser().parse_args(argv)
+    check_paths(*path_arguments(args))  # before the model options read any folder
     return TrainConfig(
         output_dir=args.output_dir,
         model=model_config_from_args(args),
@@ -587,13 +532,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         no_embedding_cache=args.no_embedding_cache,
         image_store_size=args.image_store_size,
         export_model=args.export_model,
-        vision_warmup_minutes=args.vision_warmup_minutes,
-        sam_warmup_minutes=args.sam_warmup_minutes,
-        vision_warmup_lr=args.vision_warmup_lr,
-        sam_warmup_lr=args.sam_warmup_lr,
         freeze_encoders=args.freeze_encoders,
-        warmup_images=args.warmup_images,
         save_warmed=args.save_warmed,
+        pretrain=pretrain.options.from_args(args),
         replay_share=args.replay_share,
         replay_dir=args.replay_dir,
         replay_scenes=args.replay_scenes,
@@ -601,3 +542,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         retention_samples=args.retention_samples,
         estimate=args.estimate,
     )
+
+
+def path_arguments(args: argparse.Namespace) -> list[tuple]:
+    """(flag, value, kind) of every path the run reads or writes, for lisa_demo.paths."""
+    return [
+        ("--output-dir", args.output_dir, OUTPUT_FOLDER),
+        ("--dataset", args.dataset, FOLDER, "a folder with train/ and val/ (ReasonSeg layout)"),
+        ("--replay-dir", args.replay_dir, FOLDER, "a ReasonSeg folder of the base model's data"),
+        ("--explanations", args.explanations, FILE, "a JSON file of explanations"),
+        ("--resume", args.resume, CHECKPOINT, "a run folder or a checkpoint folder"),
+        ("--init-from", args.init_from, CHECKPOINT, "a checkpoint folder or a run folder"),
+        ("--embedding-cache-dir", args.embedding_cache_dir, OUTPUT_FOLDER),
+        ("--model", args.model, MODEL),
+        ("--llava", args.llava, MODEL),
+        ("--sam", args.sam, MODEL),
+    ]

@@ -61,8 +61,9 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     ):
         raise ValueError("the saved optimizer state does not match this model's trainable weights")
     for group, now in zip(groups, current["param_groups"], strict=True):
-        # Hyperparameters come from the checkpoint; how the update runs (fused on a CPU, the
-        # default elsewhere) is this process's choice, so a run resumes on other hardware.
+        # Hyperparameters come from the checkpoint; how the update runs (fused, foreach) is
+        # this process's choice, so a run resumes on other hardware and on checkpoints saved
+        # with a fused optimizer.
         for key in _IMPLEMENTATION_KEYS:
             group.pop(key, None)
             if key in now:

@@ -11,7 +11,7 @@ from lisa_demo.ui.inference_tab import build_inference_tab, refresh_models
 from lisa_demo.ui.models import ModelRegistry, ModelSpec, Segmenter, checkpoint_key, load_pipeline
 from lisa_demo.ui.runs import TRAINING, TrainingManager
 from lisa_demo.ui.settings import AppSettings
-from lisa_demo.ui.training_tab import build_training_tab, follow
+from lisa_demo.ui.training_tab import build_training_tab, follow, refresh_training_models
 
 TITLE = "LISA Studio"
 INTRO = (
@@ -89,6 +89,12 @@ def build_app(
             lambda: refresh_models(registry),
             outputs=[inference.model, inference.status],
             api_visibility="private",
+        )
+        demo.load(
+            lambda: refresh_training_models(settings),
+            outputs=training.model,
+            api_visibility="private",
+            show_progress="hidden",
         )
         demo.load(
             follow_run,

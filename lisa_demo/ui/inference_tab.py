@@ -55,6 +55,7 @@ class InferenceTab:
 
     model: gr.Dropdown
     status: gr.Markdown
+    note: gr.Markdown  # what the chosen model can do (shown for the bundled tiny model)
 
 
 def load_examples(folder: Path) -> list[list[str | None]]:
@@ -177,6 +178,7 @@ def build_inference_tab(registry: ModelRegistry, examples_dir: Path) -> Inferenc
                     scale=4,
                 )
                 refresh = gr.Button("Refresh models", scale=1, size="sm")
+            note = model_note(registry, registry.default_key(), elem_id="model-note")
             threshold = gr.Slider(
                 0.05,
                 0.95,
@@ -261,7 +263,21 @@ def build_inference_tab(registry: ModelRegistry, examples_dir: Path) -> Inferenc
         outputs=[model, status],
         api_visibility="private",
     )
-    return InferenceTab(model=model, status=status)
+    # Also fires when an event sets the value (Refresh, Use in Inference).
+    model.change(
+        lambda key: model_note(registry, key),
+        inputs=model,
+        outputs=note,
+        api_visibility="private",
+        show_progress="hidden",
+    )
+    return InferenceTab(model=model, status=status, note=note)
+
+
+def model_note(registry: ModelRegistry, key: str | None, **kwargs: Any) -> gr.Markdown:
+    """The note under the model dropdown for `key`, hidden when there is nothing to say."""
+    text = registry.note(key)
+    return gr.Markdown(text, visible=bool(text), **kwargs)
 
 
 def refresh_models(registry: ModelRegistry, select: str | None = None) -> tuple:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lisa_demo.atomic import complete_folder
 from lisa_demo.config import PROJECT_ROOT, ModelConfig
 from lisa_demo.ui.archive import ArchiveError, check_dataset, prepare_uploaded_dataset
 from lisa_demo.ui.models import RUN_INFO_FILE
@@ -80,6 +81,7 @@ class TrainRequest:
     zip_path: str | None = None
     folder_path: str | None = None
     preset: str = "tiny"
+    model: str | None = None  # full-model folder to fine-tune (instead of the preset)
     length: str = "steps"  # epochs | steps
     epochs: int = 1
     max_steps: int = 50
@@ -95,7 +97,7 @@ class TrainRequest:
     quantization: str = PRESET_DEFAULT
     eval_every: int = 0
     explained_answers: bool = False  # synthetic answers go on to describe the target
-    pointing_weight: float = 0.0  # the pointing loss (0 = off); see lisa_demo.model
+    pointing_weight: float = 0.0  # the pointing loss (0 = off); see lisa_demo.train.pretrain
     train_projector: bool = False  # LLaVA's multimodal projector trains too
     lora_dropout: float = ModelConfig.lora_dropout  # on each LoRA layer's input (peft)
     replay_share: float = 0.5  # share of each epoch from the base model's domain
@@ -130,7 +132,8 @@ class TrainRequest:
 
     def trainer_args(self, output_dir: Path, dataset: Path | None) -> list[str]:
         """The trainer's command-line arguments (without the launcher)."""
-        args = ["--output-dir", str(output_dir), "--preset", self.preset]
+        args = ["--output-dir", str(output_dir)]
+        args += ["--model", self.model] if self.model else ["--preset", self.preset]
         if dataset is not None:
             args += ["--dataset", str(dataset)]
         else:
@@ -439,9 +442,15 @@ class RunState:
         """checkpoints/best if it exists, else checkpoints/last."""
         for kind in ("best", "last"):
             folder = self.run_dir / "checkpoints" / kind
-            if (folder / "manifest.json").is_file():
+            if has_checkpoint(folder):
                 return folder
         return None
+
+
+def has_checkpoint(folder: Path) -> bool:
+    """Whether a complete checkpoint stands for `folder` (a write killed midway included)."""
+    found = complete_folder(folder)
+    return found is not None and (found / "manifest.json").is_file()
 
 
 def curve_frame(rows: list[tuple[int, str, float]]) -> pd.DataFrame:
@@ -454,13 +463,14 @@ def curve_frame(rows: list[tuple[int, str, float]]) -> pd.DataFrame:
 
 
 # Checkpoint downloads -----------------------------------------------------------------------
-def zip_folder(folder: Path, destination: Path) -> Path:
-    """Zip a folder's files (paths relative to it) into `destination`, atomically."""
+def zip_folder(folder: Path, destination: Path, name: str | None = None) -> Path:
+    """Zip a folder's files into `destination` under NAME/ (default: the folder's name),
+    atomically."""
     tmp = destination.with_name(f".{destination.name}.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
-                zf.write(path, Path(folder.name) / path.relative_to(folder))
+                zf.write(path, Path(name or folder.name) / path.relative_to(folder))
     tmp.replace(destination)
     return destination
 
@@ -479,9 +489,12 @@ def zip_checkpoint(state: RunState, checkpoint: Checkpoint) -> str | None:
     destination = downloads / f"{state.run_id}-{checkpoint.kind}.zip"
     for _ in range(3):  # the trainer may be swapping the folder in right now
         try:
-            return str(zip_folder(folder, destination))
+            found = complete_folder(folder)
+            if found is not None:
+                return str(zip_folder(found, destination, name=folder.name))
         except (FileNotFoundError, NotADirectoryError):
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     return None
 
 
@@ -539,7 +552,7 @@ class TrainingRun:
     def _finish(self, returncode: int) -> None:
         for kind in ("best", "last"):  # checkpoints written without an event still count
             folder = self.state.run_dir / "checkpoints" / kind
-            if kind not in self.state.checkpoints and (folder / "manifest.json").is_file():
+            if kind not in self.state.checkpoints and has_checkpoint(folder):
                 checkpoint = Checkpoint(kind, None, str(folder))
                 with self._lock:
                     self.state.checkpoints[kind] = checkpoint
@@ -672,8 +685,10 @@ class TrainingManager:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise RunError(str(err)) from err
         args = request.trainer_args(run_dir, dataset)
-        same_model = request.preset == settings.preset
+        same_model = request.model is None and request.preset == settings.preset
         info = {"preset": request.preset, "request": asdict(request), "summary": summary}
+        if request.model:
+            info["model"] = request.model
         for name in ("llava", "sam"):
             value = getattr(settings, name) if same_model else None
             if value:

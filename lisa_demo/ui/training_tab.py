@@ -13,15 +13,18 @@ import pandas as pd
 
 from lisa_demo.config import (
     BUNDLED_MODEL_DIR,
+    CONVERTED_PRESETS,
     PRECISIONS,
     PRESETS,
     QUANTIZATIONS,
     ConfigError,
     ModelConfig,
+    full_model_config,
     preset,
 )
 from lisa_demo.data.synthetic import CONCEPTS
 from lisa_demo.memory import GIB, MemoryEstimate, MemoryPlan, estimate_memory
+from lisa_demo.ui.models import CONFIGURED_KEY, FullModel, known_full_models
 from lisa_demo.ui.runs import (
     PRESET_DEFAULT,
     RunBusy,
@@ -75,16 +78,54 @@ TINY_NOTE = (
 )
 
 
+BUNDLED_LABEL = "tiny (the bundled tiny LISA)"
+
+
 @dataclass
 class TrainingTab:
     """The components app-level events need."""
 
     outputs: list[gr.components.Component]  # what a follower updates
     use_in_inference: gr.Button
+    model: gr.Dropdown  # the model to fine-tune: a preset or a full model
+
+
+def training_model_choices(settings: AppSettings) -> list[tuple[str, str]]:
+    """(label, value) of every model the tab fine-tunes: the presets (the bundled model is
+    "tiny"), then the full models of the models folder and the configured one."""
+    presets = [
+        (BUNDLED_LABEL if name == DEFAULT_PRESET else name, name)
+        for name in PRESETS
+        if name not in CONVERTED_PRESETS
+    ]  # listed as full models once converted
+    full_models, _ = known_full_models(settings)
+    return presets + [(full.label, full.key) for full in full_models]
+
+
+def training_full_model(settings: AppSettings, choice: str) -> FullModel | None:
+    """The full model a choice names (None for a preset); RunError if unknown."""
+    if choice in PRESETS:
+        return None
+    full_models, _ = known_full_models(settings)
+    for full in full_models:
+        if full.key == choice:
+            return full
+    known = ", ".join(value for _, value in training_model_choices(settings))
+    raise RunError(f"unknown model {choice!r} to fine-tune; choose one of: {known}")
+
+
+def training_model_folder(settings: AppSettings, choice: str) -> str | None:
+    """What the trainer's --model gets for a choice (a folder or a Hub repo), None for a
+    preset; RunError if unknown."""
+    full = training_full_model(settings, choice)
+    return None if full is None else full.source
 
 
 def default_training_preset(settings: AppSettings) -> str:
-    """The app's preset, or tiny-random while the bundled model is missing."""
+    """The app's configured model, or tiny-random while the bundled model is missing."""
+    values = [value for _, value in training_model_choices(settings)]
+    if settings.model and CONFIGURED_KEY in values:
+        return CONFIGURED_KEY
     if settings.preset == DEFAULT_PRESET and not BUNDLED_MODEL_DIR.is_dir():
         return "tiny-random"
     return settings.preset
@@ -175,6 +216,7 @@ def build_request(
         raise gr.Error("Server folders are disabled; upload a .zip instead.")
     try:
         return TrainRequest(
+            model=training_model_folder(settings, preset),
             source=source,
             synthetic_n=int(synthetic_scenes or 0),
             exclude_concept=_concept(hold_out_concept),
@@ -292,7 +334,8 @@ def training_model_config(
     train_projector: bool = False,
 ) -> ModelConfig:
     """The model configuration a run started with these settings trains (LoRA, as the trainer
-    does by default; the app's own LLaVA/SAM overrides when it is the app's preset)."""
+    does by default; the app's own LLaVA/SAM overrides when it is the app's preset).
+    `preset_name` is a training model choice: a preset or a full model's key."""
     changes: dict[str, object] = {
         "use_lora": True,
         "lora_r": lora_rank,
@@ -303,6 +346,14 @@ def training_model_config(
         changes["precision"] = precision
     if quantization != PRESET_DEFAULT:
         changes["quantization"] = quantization
+    try:
+        full = training_full_model(settings, preset_name)
+    except RunError as err:
+        raise ConfigError(str(err)) from err
+    if full is not None:
+        if full.folder is None:  # never download weights for an estimate
+            raise ConfigError(f"{full.source} is not downloaded yet: it downloads when first used")
+        return full_model_config(full.folder).replace(**changes)
     if preset_name == settings.preset:
         changes.update({k: v for k, v in (("llava", settings.llava), ("sam", settings.sam)) if v})
     if preset_name == "tiny" and not BUNDLED_MODEL_DIR.is_dir():
@@ -319,6 +370,7 @@ def _plan_row(name: str, plan: MemoryPlan) -> str:
 
 
 def memory_markdown(estimate: MemoryEstimate, cfg: ModelConfig, preset_name: str) -> str:
+    """preset_name: what the estimate is for, as the page names it."""
     """The estimate as a short Markdown table: peaks and the smallest card that holds them."""
     setting = estimate.setting
     targets = ", ".join(cfg.lora_targets)
@@ -342,6 +394,13 @@ def memory_markdown(estimate: MemoryEstimate, cfg: ModelConfig, preset_name: str
     if preset_name in TINY_PRESETS:
         lines += ["", TINY_NOTE]
     return "\n".join(lines)
+
+
+def _choice_label(settings: AppSettings, choice: str) -> str:
+    if choice in PRESETS:
+        return choice
+    labels = dict((value, label) for label, value in training_model_choices(settings))
+    return labels.get(choice, choice)
 
 
 def make_memory_handler(settings: AppSettings):
@@ -371,8 +430,9 @@ def make_memory_handler(settings: AppSettings):
         except ConfigError as err:
             return f"{MEMORY_TITLE}: not available for these settings ({err})."
         except Exception as err:  # an estimate must never break the tab
-            return f"{MEMORY_TITLE}: could not be computed ({type(err).__name__}: {err})."
-        return memory_markdown(estimate, cfg, preset_name)
+            what = f"for {_choice_label(settings, preset_name)} " if preset_name else ""
+            return f"{MEMORY_TITLE}: could not be computed {what}({type(err).__name__}: {err})."
+        return memory_markdown(estimate, cfg, _choice_label(settings, preset_name))
 
     return estimate_training_memory
 
@@ -432,7 +492,13 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
                 )
             with gr.Accordion("Settings", open=True):
                 preset = gr.Dropdown(
-                    list(PRESETS), value=default_training_preset(settings), label="Model preset"
+                    training_model_choices(settings),
+                    value=default_training_preset(settings),
+                    label="Model to fine-tune",
+                    info="a preset, or a full model (the bundled one, those in the models "
+                    "folder, the one the app was started with)",
+                    # The models folder is scanned again on page load; the handler checks.
+                    allow_custom_value=True,
                 )
                 with gr.Row():
                     train_for = gr.Radio(["steps", "epochs"], value="steps", label="Train for")
@@ -625,4 +691,9 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
         api_description="Ask the running training run to stop (it saves checkpoints/last).",
         concurrency_limit=None,
     )
-    return TrainingTab(outputs=outputs, use_in_inference=use)
+    return TrainingTab(outputs=outputs, use_in_inference=use, model=preset)
+
+
+def refresh_training_models(settings: AppSettings) -> dict:
+    """The training model dropdown's choices now (models may have been converted since)."""
+    return gr.update(choices=training_model_choices(settings))

@@ -143,3 +143,27 @@ def test_only_one_source_overridden_keeps_the_presets_other(image_path, tmp_path
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.startswith("answer: ")
+
+
+@pytest.mark.parametrize(
+    ("query", "extra", "expected"),
+    [
+        ("   ", [], "the query is empty"),
+        ("why? " * 300, [], "the limit is 1000"),
+        (QUESTION, ["--threshold", "nan"], "--threshold must be a finite number"),
+        (QUESTION, ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    ],
+)
+def test_a_bad_query_or_option_costs_no_model_load(
+    query, extra, expected, image_path, tmp_path, capsys, monkeypatch
+):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("lisa_demo.infer.pipeline.load_lisa", no_model)
+    monkeypatch.setattr("lisa_demo.infer.cli.model_config", no_model)  # may build tiny models
+    argv = ["--image", str(image_path), "--query", query, "--preset", "tiny-random", *extra]
+    assert main([*argv, "--out-dir", str(tmp_path / "masks")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and expected in err
+    assert not (tmp_path / "masks").exists()

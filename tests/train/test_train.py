@@ -117,6 +117,32 @@ def test_embedding_cache_is_hit_in_the_second_epoch(dataset, tmp_path):
     assert second["hits"] > first["hits"]
 
 
+def test_offloaded_sam_encoder_run_trains_to_the_same_losses(tiny_loaded, dataset, tmp_path):
+    """--offload-sam-encoder: every train and validation image is encoded before the first
+    step, then the encoder leaves the GPU (a no-op move here); losses and scores are those of
+    the same run without it. (tiny_loaded first: building the tiny model in the process would
+    move the random state of the first run only.)"""
+    runs = {}
+    for name, extra in (("plain", []), ("offloaded", ["--offload-sam-encoder"])):
+        out = tmp_path / name
+        args = ["--dataset", str(dataset), "--output-dir", str(out), *BASE, "--max-steps", "3",
+                "--eval-every", "2", "--learning-rate", "1e-3", *extra]  # fmt: skip
+        assert train_main(args) == 0
+        runs[name] = read_events(out)
+    events, reference = runs["offloaded"], runs["plain"]
+    (offloaded,) = of(events, "sam_encoder_offloaded")
+    assert offloaded["images_encoded"] == 6 + 3  # the dataset's train and val images
+    assert not of(reference, "sam_encoder_offloaded")
+    logs, expected = of(events, "log"), of(reference, "log")
+    assert [e["step"] for e in logs] == [e["step"] for e in expected] == [1, 2, 3]
+    np.testing.assert_allclose([e["loss"] for e in logs], [e["loss"] for e in expected],
+                               rtol=1e-5)  # fmt: skip
+    assert all(e["embedding_cache"]["misses"] == 9 for e in logs)  # nothing left to encode
+    assert expected[0]["embedding_cache"]["misses"] < 9  # without: encoded as they come
+    for ours, theirs in zip(of(events, "eval"), of(reference, "eval"), strict=True):
+        assert ours["giou"] == pytest.approx(theirs["giou"], abs=1e-6)
+
+
 def test_sigterm_saves_last_and_resume_continues_the_step_counter(dataset, tmp_path):
     run = tmp_path / "run"
     args = ["--dataset", str(dataset), "--output-dir", str(run), *BASE, "--max-steps", "400",
@@ -213,17 +239,20 @@ def test_empty_or_unusable_dataset_is_refused(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_resume_from_another_base_is_refused(short_run, dataset, tmp_path, capsys):
+def test_resume_from_another_base_is_refused_in_one_clean_line(short_run, dataset, tmp_path):
+    """Refused after the models loaded: still no progress bar, library warning or traceback
+    before the one `error:` line (a process of its own, so that all of stderr is seen)."""
     from lisa_demo.tiny import write_tiny_models
 
     other = write_tiny_models(tmp_path / "other", seed=99)
-    code = train_main(
+    done = run_cli(
         ["--dataset", str(dataset), "--output-dir", str(tmp_path / "o"), *BASE,
          "--llava", str(other / "llava"), "--sam", str(other / "sam"),
          "--max-steps", "1", "--resume", str(short_run)]
     )  # fmt: skip
-    assert code == 2
-    assert "made for" in capsys.readouterr().err
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "made for" in lines[0], lines
 
 
 def test_eval_cli_scores_a_checkpoint_with_the_validation_code(
@@ -255,27 +284,6 @@ def test_eval_cli_scores_a_checkpoint_with_the_validation_code(
     assert scores["giou"] == pytest.approx(saved["giou"], abs=1e-6)
 
 
-def test_seg_word_head_trains_is_logged_and_stays_out_of_inference(dataset, tmp_path):
-    """--seg-word-weight adds the training-only head: its loss is logged, and the checkpoint
-    (which keeps the head, for resuming) still loads into a model built without it."""
-    from lisa_demo.checkpoint import load_trainable_state
-    from lisa_demo.config import preset
-    from lisa_demo.loading import load_lisa
-
-    out = tmp_path / "run"
-    code = train_main(
-        ["--dataset", str(dataset), "--output-dir", str(out), *BASE, "--max-steps", "2",
-         "--eval-every", "2", "--explanations", str(dataset / "train_explanations.json"),
-         "--seg-word-weight", "1.0"]
-    )  # fmt: skip
-    assert code == 0
-    logs = of(read_events(out), "log")
-    assert logs and all(e["seg_word_loss"] is not None and e["seg_word_loss"] > 0 for e in logs)
-    plain = load_lisa(preset("tiny-random").replace(use_lora=True), device="cpu")
-    assert plain.model.seg_word_head is None
-    load_trainable_state(out / "checkpoints" / "best", plain.model)  # no "unexpected" error
-
-
 def test_vision_feature_cache_only_when_the_vision_side_is_frozen():
     """LoRA runs (vision tower and projector frozen) may cache LLaVA's vision features;
     --train-all trains them, so it must not."""
@@ -302,10 +310,10 @@ def test_image_store_keeps_the_most_recent_images_up_to_its_size(dataset, tiny_l
     store.get(data[0])  # data[0] is now the most recent, data[1] the oldest
     store.get(data[2])  # over capacity: data[1] leaves
     kept = [data[i].record.json_path for i in (0, 2)]
-    assert list(store._labels) == kept and len(store._images) == 2
+    assert list(store._masks) == kept and len(store._images) == 2
     assert store.get(data[0]).encoded is first
-    assert store.get(data[1]) is not None and len(store._images) == len(store._labels) == 2
-    assert list(store._labels) == [data[i].record.json_path for i in (0, 1)]  # data[2] left
+    assert store.get(data[1]) is not None and len(store._images) == len(store._masks) == 2
+    assert list(store._masks) == [data[i].record.json_path for i in (0, 1)]  # data[2] left
 
 
 def test_image_store_decodes_a_hard_linked_image_once(tmp_path, tiny_loaded):
@@ -318,33 +326,11 @@ def test_image_store_decodes_a_hard_linked_image_once(tmp_path, tiny_loaded):
     batcher = SampleBatcher(tiny_loaded.processor, tiny_loaded.sam_processor)
     store = batcher.images
     prepared = {data[i].record.json_path.stem: store.get(data[i]) for i in range(len(data))}
-    assert len(store._images) == 3 and len(store._labels) == 6
-    from lisa_demo.train.loop import warmup_samples
-
-    # The warm-ups' "first N images" count the hard links to one image once.
-    first_two = warmup_samples(data, len(data), images=2)
-    assert sorted(s.record.json_path.stem for s in first_two) == [
-        "train_00000", "train_00000_x1", "train_00001", "train_00001_x1",
-    ]  # fmt: skip
+    assert len(store._images) == 3 and len(store._masks) == 6
     for name in ("train_00000", "train_00001", "train_00002"):
         first, extra = prepared[name], prepared[f"{name}_x1"]
         assert extra.encoded is first.encoded  # one decode per image file
         assert not np.array_equal(extra.mask, first.mask)  # each query keeps its own mask
-        assert extra.target_classes != first.target_classes or extra.mask.sum() != first.mask.sum()
-
-
-def test_warmup_samples_come_from_the_first_images_only(dataset):
-    from lisa_demo.data.reasonseg import ReasonSegDataset
-    from lisa_demo.train.loop import warmup_samples
-
-    data = ReasonSegDataset(dataset / "train", queries="all")
-    images = [r.image_path for r in data.records]
-    everything = warmup_samples(data, len(data))
-    assert [s.query for s in everything] == [data[i].query for i in range(len(data))]
-    two = warmup_samples(data, len(data), images=2)
-    assert {s.record.image_path for s in two} == set(images[:2])
-    # every query of those two images is kept (queries="all" gives several per image)
-    assert len(two) == sum(len(r.queries) for r in data.records[:2]) > 2
 
 
 def test_synthetic_extra_queries_add_training_samples_about_other_shapes(tmp_path):
@@ -395,3 +381,24 @@ def test_estimate_times_a_few_steps_and_trains_nothing(dataset, tmp_path, capsys
     assert [e["event"] for e in events][-2:] == ["estimate", "end"]
     assert events[-1]["status"] == "estimated"
     assert not of(events, "log") and not (out / "checkpoints").exists()
+
+
+def test_resume_keeps_this_process_optimizer_implementation(tmp_path):
+    """Checkpoints saved with a fused AdamW (as CPU runs before 2026-12-04 did) resume on the
+    default one: hyperparameters and moments from the file, the implementation from here."""
+    import torch
+
+    from lisa_demo.train.state import load_optimizer, save_optimizer
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    fused = torch.optim.AdamW(params, lr=0.5, fused=True)
+    params[0].grad = torch.ones(3)
+    fused.step()
+    save_optimizer(fused, tmp_path)
+    plain = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    load_optimizer(plain, tmp_path)
+    group = plain.param_groups[0]
+    assert group["lr"] == 0.5  # the checkpoint's hyperparameters
+    assert not group["fused"]  # this optimizer's implementation
+    state = next(iter(plain.state.values()))
+    assert torch.equal(state["exp_avg"], next(iter(fused.state.values()))["exp_avg"])

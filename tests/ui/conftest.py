@@ -25,6 +25,7 @@ from tests.ui.fakes import FakeBackend  # noqa: E402
 FAKE_TRAINER = "tests.ui.fake_trainer"
 EXAMPLE_QUERY = "Which shape is red? Please segment it."
 SQUARE = (slice(30, 70), slice(40, 100))  # rows, columns of the red square
+TINY_LISA_NAME = "tiny-lisa-v1"  # the converted tiny LISA's folder in converted_models_dir
 
 
 def free_port() -> int:
@@ -115,3 +116,38 @@ def no_run_after() -> Iterator[None]:
     wait_for_no_run()
     yield
     wait_for_no_run()
+
+
+@pytest.fixture(scope="session")
+def converted_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder (LISA_MODELS_DIR) holding one full model, tiny-lisa-v1: the tiny random
+    LISA in LISA's checkpoint layout, converted in fp32 (about 15 s, once per pytest run).
+
+    Random weights rarely say [SEG], so its LM-head row becomes 1.3 x the row of the token the
+    model says most to the example question: answers then hold [SEG] tokens (nothing but, up
+    to the token limit) and masks.
+    """
+    from collections import Counter
+
+    from safetensors.torch import load_file, save_file
+
+    from lisa_demo.config import full_model_config
+    from lisa_demo.convert import convert
+    from lisa_demo.infer.pipeline import LisaPipeline
+    from lisa_demo.tiny_lisa import write_tiny_lisa
+
+    root = tmp_path_factory.mktemp("converted")
+    source = write_tiny_lisa(root / "lisa-src")
+    out = root / "models" / TINY_LISA_NAME
+    out.mkdir(parents=True)
+    manifest = convert(source, out, dtype_name="fp32", log=lambda _: None)
+    pipeline = LisaPipeline.from_config(full_model_config(out), device="cpu", max_new_tokens=4)
+    tokens = pipeline.segment(red_square_image(), EXAMPLE_QUERY).token_ids
+    common = Counter(tokens).most_common(1)[0][0]
+    del pipeline
+    index = json.loads((out / "llava" / "model.safetensors.index.json").read_text())
+    weights = out / "llava" / index["weight_map"]["lm_head.weight"]
+    state = load_file(weights)
+    state["lm_head.weight"][manifest["seg_token_id"]] = state["lm_head.weight"][common] * 1.3
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return out.parent

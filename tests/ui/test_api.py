@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -343,8 +344,12 @@ def test_bad_zip_is_refused_and_the_app_keeps_serving(
     fake_app: LaunchedApp, no_run_after, tmp_path, members: dict, expected: str
 ) -> None:
     upload = handle_file(_zip(tmp_path, members))
-    with pytest.raises(AppError, match=expected):
+    with pytest.raises(AppError, match=expected) as refused:
         fake_app.client.predict(source="zip", dataset_zip=upload, api_name="/train")
+    # The message names the user's file, not where the server keeps its copy or the run.
+    message = str(refused.value)
+    assert "dataset.zip: " in message
+    assert tempfile.gettempdir() not in message and str(fake_app.settings.runs_dir) not in message
     assert TRAINING.run is None or not TRAINING.run.alive
     assert_example_ok(fake_app)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import zipfile
 from io import BytesIO
@@ -124,3 +125,118 @@ def test_train_without_val_is_split(tmp_path) -> None:
 def test_archives_without_usable_samples_are_refused(tmp_path, members, message) -> None:
     with pytest.raises(ArchiveError, match=message):
         prepare_uploaded_dataset(make_zip(tmp_path / "up.zip", members), tmp_path / "d")
+
+
+def compressible_member(zf: zipfile.ZipFile, name: str, size: int, random_bytes: int) -> None:
+    """`size` bytes that deflate about 100:1: each 64 KiB block is `random_bytes` random bytes
+    (never repeated within deflate's 32 KiB window) and zeros. Streamed: little memory."""
+    block = 1 << 16
+    zeros = bytes(block - random_bytes)
+    rng = np.random.default_rng(0)
+    with zf.open(name, "w", force_zip64=True) as out:
+        for _ in range(size // block):
+            out.write(rng.bytes(random_bytes))
+            out.write(zeros)
+
+
+@pytest.fixture(scope="module")
+def big_images_without_annotations(tmp_path_factory) -> Path:
+    """The fault battery's upload: twelve 100 MiB "images" and no annotation file, in a zip
+    of about 12 MB that passes the count, size and compression-ratio limits."""
+    path = tmp_path_factory.mktemp("upload") / "photos.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for i in range(12):
+            compressible_member(zf, f"train/photo_{i:02d}.jpg", 100 * 2**20, random_bytes=400)
+    return path
+
+
+def test_an_archive_without_annotations_is_refused_before_one_byte_is_written(
+    big_images_without_annotations, tmp_path
+) -> None:
+    upload = big_images_without_annotations
+    with zipfile.ZipFile(upload) as zf:
+        members = zf.infolist()
+    total = sum(m.file_size for m in members)
+    assert total == 12 * 100 * 2**20 and upload.stat().st_size < 20e6
+    archive._check_sizes(members)  # the limits that used to be all that was checked pass
+    target = tmp_path / "run" / "data"
+    with pytest.raises(ArchiveError) as refused:
+        prepare_uploaded_dataset(upload, target)
+    message = str(refused.value)
+    assert message.startswith("photos.zip: train/ needs at least 2 annotated images")
+    assert "12 images and 0 annotation files, 0 of them paired" in message
+    assert not target.exists() and not (tmp_path / "run").exists()  # zero bytes written
+
+
+def test_a_file_over_the_per_file_limit_is_refused_before_writing(tmp_path, monkeypatch) -> None:
+    members = {f"train/{k}": v for k, v in sample("a").items()}
+    members |= {f"val/{k}": v for k, v in sample("b").items()}
+    upload = make_zip(tmp_path / "up.zip", members)
+    monkeypatch.setattr(archive, "MAX_FILE_BYTES", 100)  # the JPEGs are larger, the JSON not
+    with pytest.raises(ArchiveError, match=r"'train/a.jpg' unpacks to .* per file"):
+        prepare_uploaded_dataset(upload, tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+def test_too_little_free_disk_space_is_refused_before_writing(tmp_path, monkeypatch) -> None:
+    members = {f"train/{k}": v for k, v in sample("a").items()}
+    members |= {f"val/{k}": v for k, v in sample("b").items()}
+    upload = make_zip(tmp_path / "up.zip", members)
+    seen = []
+
+    def disk_usage(path):
+        seen.append(Path(path))
+        return shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000)  # 1000 bytes free
+
+    monkeypatch.setattr(archive.shutil, "disk_usage", disk_usage)
+    with pytest.raises(ArchiveError, match="GB free"):
+        prepare_uploaded_dataset(upload, tmp_path / "run" / "d")
+    assert seen == [tmp_path]  # the nearest folder that exists, on the target's disk
+    assert not (tmp_path / "run").exists()
+
+
+def test_only_the_members_the_layout_uses_are_unpacked(tmp_path) -> None:
+    members = {f"mine/train/{k}": v for i in range(3) for k, v in sample(f"t{i}").items()}
+    members |= {f"mine/val/{k}": v for k, v in sample("v0").items()}
+    members |= {
+        "mine/README.md": b"about",
+        "mine/train/orphan.jpg": sample("x")["x.jpg"],  # no NAME.json
+        "mine/train/notes.txt": b"not a sample",
+        "mine/train/deeper/t9.jpg": sample("t9")["t9.jpg"],  # not in train/ itself
+        "mine/train/deeper/t9.json": sample("t9")["t9.json"],
+        "mine/weights.bin": b"\1" * 1000,
+    }
+    root, summary = prepare_uploaded_dataset(make_zip(tmp_path / "up.zip", members), tmp_path / "d")
+    assert root == tmp_path / "d" / "mine"
+    written = sorted(str(p.relative_to(tmp_path / "d")) for p in (tmp_path / "d").rglob("*.*"))
+    assert written == sorted(
+        [f"mine/train/t{i}.{ext}" for i in range(3) for ext in ("jpg", "json")]
+        + ["mine/val/v0.jpg", "mine/val/v0.json"]
+    )
+    assert "8 files extracted" in summary and "6 other files left out" in summary
+    assert "3 train and 1 val images" in summary
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"notes.txt": b"hello"}, "at least 2 annotated images"),
+        (
+            {**{f"train/{k}": b"{not json" if k.endswith("json") else v
+                for k, v in sample("a").items()},
+             **{f"val/{k}": v for k, v in sample("b").items()}},
+            "no usable sample in my data.zip/train",
+        ),
+    ],
+)  # fmt: skip
+def test_messages_name_the_uploaded_file_not_a_server_path(tmp_path, members, message) -> None:
+    server_copy = tmp_path / "server-temp-3f2a" / "my data.zip"
+    server_copy.parent.mkdir()
+    make_zip(server_copy, members)
+    target = tmp_path / "runs" / "run-1" / "data"
+    with pytest.raises(ArchiveError) as refused:
+        prepare_uploaded_dataset(server_copy, target)
+    text = str(refused.value)
+    assert text.startswith("my data.zip: ") and message in text, text
+    assert str(tmp_path) not in text
+    assert not target.exists()

@@ -53,6 +53,10 @@ def test_example_segments_then_a_training_run_streams(
 ) -> None:
     monkeypatch.setenv("FAKE_TRAINER_STEP_S", "0.3")
 
+    # The bundled model is chosen: the page says what it can do.
+    expect(page.locator("#model-note")).to_be_visible()
+    expect(page.locator("#model-note")).to_contain_text("synthetic coloured shapes only")
+
     # Inference with a ground truth painted on the image (no mask file).
     image_upload = page.locator("input[type=file]").first
     image_upload.set_input_files(str(fake_app.examples / "red_square.png"))

@@ -252,3 +252,23 @@ def test_server_folder_source_is_checked_and_passed_as_dataset(tmp_path, monkeyp
     state = _wait_done(manager)
     assert f"--dataset {tmp_path / 'ds'}" in state.log_text()
     assert state.summary == "1 train and 1 val images"
+
+
+def test_a_full_model_run_launches_the_trainer_with_model(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FAKE_TRAINER_STEP_S", "0.01")
+    folder = tmp_path / "models" / "lisa-7b"
+    args = TrainRequest(model=str(folder), max_steps=2).trainer_args(tmp_path / "out", None)
+    assert args[:4] == ["--output-dir", str(tmp_path / "out"), "--model", str(folder)]
+    assert "--preset" not in args
+    # The app's own --llava/--sam belong to its preset, never to a full model's run.
+    manager = TrainingManager()
+    settings = _settings(tmp_path, llava="someone/llava", sam="someone/sam")
+    manager.start(settings, TrainRequest(model=str(folder), max_steps=2))
+    state = _wait_done(manager)
+    launched = next(line for line in state.log_lines if "launched:" in line)
+    assert f"-m {FAKE_TRAINER} --output-dir {state.run_dir} --model {folder} --synthetic" in (
+        launched
+    )
+    assert "--llava" not in launched and "--sam" not in launched and "--preset" not in launched
+    info = json.loads((state.run_dir / "ui_run.json").read_text())
+    assert info["model"] == str(folder)

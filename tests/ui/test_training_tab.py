@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from lisa_demo.ui import AppSettings, build_app
-from lisa_demo.ui.runs import PRESET_DEFAULT
-from lisa_demo.ui.training_tab import MEMORY_TITLE, TINY_NOTE, make_memory_handler
+from lisa_demo.ui.runs import PRESET_DEFAULT, RunError
+from lisa_demo.ui.training_tab import (
+    MEMORY_TITLE,
+    TINY_NOTE,
+    default_training_preset,
+    make_memory_handler,
+    training_model_choices,
+    training_model_folder,
+)
+from tests.ui.conftest import TINY_LISA_NAME
 from tests.ui.fakes import FakeBackend
 
 TARGETS = ["q_proj", "v_proj"]
@@ -71,7 +80,7 @@ def test_quantization_precision_and_lora_settings_change_the_estimate(estimate) 
         (("tiny-random", PRESET_DEFAULT, PRESET_DEFAULT, None, TARGETS, 2), "LoRA rank"),
         (("tiny-random", PRESET_DEFAULT, PRESET_DEFAULT, 8, [], 2), "LoRA target"),
         (("tiny-random", PRESET_DEFAULT, PRESET_DEFAULT, 8, TARGETS, None), "batch size"),
-        (("no-such-preset", PRESET_DEFAULT, PRESET_DEFAULT, 8, TARGETS, 2), "unknown preset"),
+        (("no-such-preset", PRESET_DEFAULT, PRESET_DEFAULT, 8, TARGETS, 2), "unknown model"),
         (("tiny-random", "3bit", PRESET_DEFAULT, 8, TARGETS, 2), "quantization must be"),
     ],
 )
@@ -91,9 +100,74 @@ def test_estimate_runs_on_load_and_on_every_setting_change(tmp_path: Path) -> No
     (block_fn,) = [f for f in demo.fns.values() if f.name == "estimate_training_memory"]
     events = {event for _, event in block_fn.targets}
     assert "load" in events
-    labels = {"Model preset", "Quantization", "Precision", "LoRA rank", "LoRA targets",
+    labels = {"Model to fine-tune", "Quantization", "Precision", "LoRA rank", "LoRA targets",
               "Batch size", "Train the image projector too"}  # fmt: skip
     assert {component.label for component in block_fn.inputs} == labels
     changed = {target for target, event in block_fn.targets if event == "change"}
     assert changed == {component._id for component in block_fn.inputs}
     assert [output.elem_id for output in block_fn.outputs] == ["training-memory"]
+
+
+# Full models ------------------------------------------------------------------------------
+def test_full_models_are_offered_to_fine_tune_besides_the_presets(
+    tmp_path: Path, converted_models_dir: Path
+) -> None:
+    folder = converted_models_dir / TINY_LISA_NAME
+    settings = AppSettings(runs_dir=tmp_path / "runs", models_dir=converted_models_dir)
+    choices = training_model_choices(settings)
+    assert choices == [
+        ("tiny (the bundled tiny LISA)", "tiny"),
+        ("tiny-random", "tiny-random"),
+        ("llava-1.5-7b", "llava-1.5-7b"),
+        ("llava-1.5-7b-sam-huge", "llava-1.5-7b-sam-huge"),
+        (f"{TINY_LISA_NAME} (LISA, llava_v1)", f"model:{TINY_LISA_NAME}"),
+    ]
+    assert training_model_folder(settings, f"model:{TINY_LISA_NAME}") == str(folder)
+    assert training_model_folder(settings, "tiny") is None
+    with pytest.raises(RunError, match="unknown model 'model:other'"):
+        training_model_folder(settings, "model:other")
+    assert default_training_preset(settings) == "tiny"
+    # The configured full model is offered too, and is the default.
+    configured = AppSettings(runs_dir=tmp_path / "runs", models_dir=tmp_path, model=str(folder))
+    assert training_model_choices(configured)[-1] == (
+        f"{TINY_LISA_NAME} (LISA, llava_v1)", "configured"
+    )  # fmt: skip
+    assert default_training_preset(configured) == "configured"
+    assert training_model_folder(configured, "configured") == str(folder)
+
+
+def test_memory_estimate_of_a_full_model_or_why_there_is_none(
+    tmp_path: Path, converted_models_dir: Path
+) -> None:
+    settings = AppSettings(runs_dir=tmp_path / "runs", models_dir=converted_models_dir)
+    estimate = make_memory_handler(settings)
+    text = estimate(f"model:{TINY_LISA_NAME}", PRESET_DEFAULT, PRESET_DEFAULT, 8, TARGETS, 2)
+    assert "Training step (batch 2)" in text and "| Inference |" in text
+    assert f"{TINY_LISA_NAME} (LISA, llava_v1): no quantization, fp32" in text
+    # A full model whose config is unreadable gets a line, not a crash.
+    broken = tmp_path / "models" / "broken"
+    for part in ("llava", "sam"):
+        (broken / part).mkdir(parents=True)
+        (broken / part / "config.json").write_text("{not json")
+    (broken / "projection.safetensors").write_bytes(b"")
+    (broken / "manifest.json").write_text(json.dumps({"format": "lisa-studio-bundle"}))
+    settings = AppSettings(runs_dir=tmp_path / "runs", models_dir=tmp_path / "models")
+    text = make_memory_handler(settings)("model:broken", "4bit", "bf16", 8, TARGETS, 1)
+    assert text.startswith(MEMORY_TITLE + ": ") and "broken (full model)" in text
+    assert "\n" not in text
+
+
+def test_a_hub_repo_not_downloaded_is_offered_but_not_downloaded_for_an_estimate(
+    tmp_path: Path,
+) -> None:
+    repo = "nobody-here/lisa-studio-test-model"
+    settings = AppSettings(runs_dir=tmp_path / "runs", models_dir=tmp_path, model=repo)
+    assert default_training_preset(settings) == "configured"
+    assert training_model_folder(settings, "configured") == repo  # the trainer's --model
+    text = make_memory_handler(settings)(
+        "configured", PRESET_DEFAULT, PRESET_DEFAULT, 8, TARGETS, 1
+    )
+    assert text == (
+        f"{MEMORY_TITLE}: not available for these settings ({repo} is not downloaded yet: it "
+        "downloads when first used)."
+    )

@@ -1,152 +1,19 @@
-"""The pretraining-only pieces: encoder warm-ups, the target losses, frozen encoders."""
+"""The pretraining recipe through the training CLI: warm-ups, its losses, frozen encoders,
+warmed checkpoints, and the core that never imports it."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from lisa_demo.checkpoint import WEIGHTS
-from lisa_demo.data.synthetic import (
-    COLOURS,
-    DESCRIPTION_CLASSES,
-    REGIONS,
-    SHAPE_KINDS,
-    SIZES,
-    generate_dataset,
-    object_classes,
-    target_classes,
-)
+from lisa_demo.data.synthetic import generate_dataset
 from lisa_demo.train.__main__ import main as train_main
-from lisa_demo.train.warmup import patch_labels
 
 BASE = ["--preset", "tiny-random", "--batch-size", "2", "--seg-rate-samples", "0"]
-
-
-def square(x0: int, y0: int, x1: int, y1: int, **look) -> dict:
-    return {"outline": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1]]], **look}
-
-
-def test_patch_labels_take_the_object_covering_most_of_each_cell_if_a_quarter():
-    """40x40 image, 2x2 grid of 20 px cells. A fills the top-left cell; B covers 6 of the 20
-    columns of the bottom-right cell (30%); C covers 4 columns of the top-right cell (20%,
-    below MIN_COVER); the bottom-left cell is empty."""
-    a = square(0, 0, 19, 19, kind="star", colour="red", size="small")
-    b = square(34, 20, 39, 39, kind="circle", colour="blue", size="large")
-    c = square(36, 0, 39, 19, kind="cross", colour="green", size="medium")
-    labels = patch_labels([a, b, c], 40, 40, grid=2)
-    none = [len(SHAPE_KINDS), len(COLOURS), len(SIZES)]
-    star, red, small = SHAPE_KINDS.index("star"), list(COLOURS).index("red"), 0
-    circle, blue, large = SHAPE_KINDS.index("circle"), list(COLOURS).index("blue"), 2
-    assert labels[:, 0].tolist() == [star, red, small]
-    assert labels[:, 1].tolist() == none  # C: 20% < 25%
-    assert labels[:, 2].tolist() == none
-    assert labels[:, 3].tolist() == [circle, blue, large]
-
-
-def test_object_and_target_classes_index_kind_colour_size_and_region():
-    obj = {"kind": "heart", "colour": "blue", "size": "medium", "centre": [90.0, 10.0]}
-    # width 100, height 60: x 90 is in the right third, y 10 in the top third
-    assert object_classes(obj, 100, 60) == (
-        SHAPE_KINDS.index("heart"),
-        list(COLOURS).index("blue"),
-        1,
-        REGIONS.index("at the top right"),
-    )
-    scene = {
-        "imageWidth": 100,
-        "imageHeight": 60,
-        "objects": [{**obj, "target": False}, {**obj, "centre": [50, 30], "target": True}],
-    }
-    assert target_classes(scene)[3] == REGIONS.index("in the middle")
-    assert target_classes({"imageWidth": 1, "imageHeight": 1, "objects": []}) is None
-    assert target_classes({"shapes": []}) is None  # plain ReasonSeg annotation
-
-
-def test_target_loss_is_four_cross_entropies_plus_the_pull_to_the_description(tiny_loaded):
-    """With a zero head every class is equally likely: CE = sum of log(class count). The pull
-    is the MSE between the given prompts and the description prompts (kind + colour + size +
-    region rows of the tables); rows marked -1 do not count."""
-    from lisa_demo.config import LossWeights
-    from lisa_demo.model import LisaModel
-
-    base = tiny_loaded.model
-    model = LisaModel(base.llava, base.sam, base.seg_token_id, hidden_size=256,
-                      loss_weights=LossWeights(target=1.0))  # fmt: skip
-    torch.nn.init.zeros_(model.target_head.weight)
-    torch.nn.init.zeros_(model.target_head.bias)
-    states = torch.randn(3, 256)
-    prompts = torch.randn(3, 128)
-    classes = [torch.tensor([[1, 2, 0, 4]]), torch.tensor([[-1, -1, -1, -1]]),
-               torch.tensor([[3, 0, 2, 8]])]  # fmt: skip
-    loss = model.target_loss(states, prompts, classes)
-    tables = [t.weight.detach() for t in model.description_prompts.tables]
-    d0 = tables[0][1] + tables[1][2] + tables[2][0] + tables[3][4]
-    d2 = tables[0][3] + tables[1][0] + tables[2][2] + tables[3][8]
-    mse = (((prompts[0] - d0) ** 2).sum() + ((prompts[2] - d2) ** 2).sum()) / (2 * 128)
-    expected = sum(math.log(n) for n in DESCRIPTION_CLASSES) + mse
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert model.target_loss(states[:1], prompts[:1], classes[1:2]) is None
-
-
-def test_pointing_loss_is_the_cross_entropy_of_the_real_last_layer_attention(
-    tiny_loaded, make_inputs
-):
-    """Head 0 of the last layer, at each [SEG] query position, against the target's share of
-    each CLIP patch. The reference is the attention transformers itself returns (eager), on
-    a batch of two answers of different lengths (right padding). The 48x64 image splits into
-    an 8x8 grid of 6x8 px cells: mask A fills cells (0,0), (0,1), (1,0), (1,1) (a quarter
-    each); mask B fills cell (0,0) and half of (0,1) (shares 2/3 and 1/3)."""
-    from lisa_demo.config import LossWeights
-    from lisa_demo.inputs import collate_text
-    from lisa_demo.model import LisaModel, seg_query_mask
-    from tests.conftest import draw_scene
-
-    base = tiny_loaded.model
-    model = LisaModel(base.llava, base.sam, base.seg_token_id, hidden_size=256,
-                      loss_weights=LossWeights(pointing=1.0))  # fmt: skip
-    image = draw_scene()
-    one = make_inputs(tiny_loaded, image, "Where is the red square?", "[SEG].")
-    two = make_inputs(tiny_loaded, image, "Where is the blue disc?", "Sure, it is [SEG].")
-    ids = [one["input_ids"][0].tolist(), two["input_ids"][0].tolist()]
-    labels = [one["labels"][0].tolist(), two["labels"][0].tolist()]
-    batch = collate_text(ids, labels, tiny_loaded.tokenizer.pad_token_id)
-    mask_a = torch.zeros(1, 48, 64)
-    mask_a[:, 0:12, 0:16] = 1
-    mask_b = torch.zeros(1, 48, 64)
-    mask_b[:, 0:6, 0:12] = 1
-    inputs = {**batch, "pixel_values": torch.cat([one["pixel_values"], two["pixel_values"]]),
-              "sam_pixel_values": torch.cat([one["sam_pixel_values"], two["sam_pixel_values"]]),
-              "input_sizes": one["input_sizes"] * 2, "original_sizes": one["original_sizes"] * 2,
-              "gt_masks": [mask_a, mask_b]}  # fmt: skip
-    llava = base.llava
-    was_training = llava.training
-    model.train()
-    try:
-        with torch.no_grad():
-            loss = model(**inputs).pointing_loss
-            model.eval()
-            assert model(**inputs).pointing_loss is None  # training only
-            llava.set_attn_implementation("eager")
-            attentions = llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               pixel_values=inputs["pixel_values"], output_attentions=True,
-                               return_dict=True).attentions[-1]  # fmt: skip
-    finally:
-        llava.set_attn_implementation("sdpa")
-        llava.train(was_training)
-    image_id = llava.config.image_token_id
-    query = seg_query_mask(batch["input_ids"], base.seg_token_id)
-    shares = [{0: 0.25, 1: 0.25, 8: 0.25, 9: 0.25}, {0: 2 / 3, 1: 1 / 3}]
-    terms = []
-    for row, share in enumerate(shares):
-        t = int(query[row].nonzero()[0])
-        images = (batch["input_ids"][row] == image_id).nonzero().flatten()
-        attention = attentions[row, 0, t, images]
-        terms.append(-sum(w * math.log(float(attention[cell])) for cell, w in share.items()))
-    assert loss.item() == pytest.approx(sum(terms) / 2, rel=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -209,10 +76,33 @@ def test_warmups_train_the_encoders_and_the_target_loss_is_logged(scenes, tmp_pa
     exported = load_lisa(preset("tiny-random").replace(
         llava=str(out / "model" / "llava"), sam=str(out / "model" / "sam"),
         heads=str(out / "model"), build_tiny=False), device="cpu")  # fmt: skip
-    assert exported.model.target_head is None and exported.model.description_prompts is None
+    assert not hasattr(exported.model, "target_head")
+    assert not hasattr(exported.model, "description_prompts")
     tower = dict(exported.model.named_parameters())
     name = next(n for n in saved if n.startswith("sam.vision_encoder."))
     assert torch.equal(tower[name].detach(), saved[name].to(tower[name].dtype))
+
+
+def test_seg_word_head_trains_is_logged_and_stays_out_of_inference(scenes, tmp_path):
+    """--seg-word-weight adds the training-only head: its loss is logged, and the checkpoint
+    (which keeps the head, for resuming) still loads into a model built without it."""
+    from lisa_demo.checkpoint import load_trainable_state
+    from lisa_demo.config import preset
+    from lisa_demo.loading import load_lisa
+
+    out = tmp_path / "run"
+    code = train_main(
+        ["--dataset", str(scenes), "--output-dir", str(out), *BASE, "--max-steps", "2",
+         "--eval-every", "2", "--explanations", str(scenes / "train_explanations.json"),
+         "--seg-word-weight", "1.0"]
+    )  # fmt: skip
+    assert code == 0
+    logs = [e for e in _events(out) if e["event"] == "log"]
+    assert logs and all(e["seg_word_loss"] is not None and e["seg_word_loss"] > 0 for e in logs)
+    assert any(n.startswith("seg_word_head.") for n in _params_of(out, "best"))
+    plain = load_lisa(preset("tiny-random").replace(use_lora=True), device="cpu")
+    assert not hasattr(plain.model, "seg_word_head")
+    load_trainable_state(out / "checkpoints" / "best", plain.model)  # no "unexpected" error
 
 
 def test_frozen_encoders_stay_as_they_were_while_the_rest_trains(scenes, tmp_path):
@@ -239,7 +129,7 @@ def test_warmups_need_train_all(scenes, tmp_path, capsys):
 
 def test_warmup_learning_rates_reach_their_stages(scenes, tmp_path, monkeypatch):
     """--vision-warmup-lr and --sam-warmup-lr are the peak rates each warm-up runs with."""
-    from lisa_demo.train import warmup
+    from lisa_demo.train.pretrain import warmup
 
     seen = {}
 
@@ -325,13 +215,36 @@ def test_save_warmed_then_init_from_starts_a_fresh_loop_on_the_warmed_weights(sc
         (["--save-warmed"], "add --vision-warmup-minutes"),
         (["--sam-warmup-minutes", "1", "--embedding-cache-dir", "C"], "drop --embedding-cache-dir"),
         (["--init-from", "NOWHERE"], "no checkpoint there"),
+        (["--init-from", "MISSING"], "does not exist"),
     ],
 )
 def test_init_from_and_save_warmed_refuse_what_cannot_work(scenes, tmp_path, capsys, flags,
                                                            message):  # fmt: skip
-    flags = [str(tmp_path / f) if f in ("X", "NOWHERE", "C") else f for f in flags]
+    for folder in ("X", "NOWHERE"):  # folders without a checkpoint
+        (tmp_path / folder).mkdir()
+    flags = [str(tmp_path / f) if f in ("X", "NOWHERE", "C", "MISSING") else f for f in flags]
     code = train_main(["--dataset", str(scenes), "--output-dir", str(tmp_path / "r"), *BASE,
                        "--train-all", "--max-steps", "1", *flags])  # fmt: skip
     assert code != 0
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_the_core_never_imports_the_recipe():
+    """Only the training CLI (options and __main__) and the recipe itself name it."""
+    import ast
+
+    package = Path(__file__).resolve().parents[3] / "lisa_demo"
+    allowed = {"train/options.py", "train/__main__.py"}
+    for path in package.rglob("*.py"):
+        name = path.relative_to(package).as_posix()
+        if name.startswith("train/pretrain/") or name in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            assert not any("pretrain" in m for m in modules), f"{name} imports {modules}"

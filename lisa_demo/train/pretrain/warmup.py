@@ -10,9 +10,9 @@ annotations list every object ("objects": kind, colour, size, visible outline):
   where no object covers a quarter of it), and the patch's own row and column. Afterwards
   the language model sees patches that already say what is where.
 - **sam**: SAM segments one object per image from a click inside it (its own prompt
-  encoding of a positive point, the form `LisaModel.click_prompts` gives) and, with
+  encoding of a positive point, the form `objectives.click_prompts` gives) and, with
   `--target-weight`, also from a learned *description prompt* of it (kind + colour + size +
-  region vectors, `LisaModel.description_prompts`), BCE + Dice as in LISA. The LISA loop's
+  region vectors, `objectives.DescriptionPrompts`), BCE + Dice as in LISA. The LISA loop's
   target loss then pulls each `[SEG]` prompt towards its target's description prompt, so
   the language model only has to work out *which* object is meant; SAM already knows how
   to find an object so described.
@@ -29,18 +29,20 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lisa_demo.cpu_speed import adamw_options
 from lisa_demo.data.reasonseg import Sample
 from lisa_demo.data.synthetic import COLOURS, SHAPE_KINDS, SIZES, object_classes
 from lisa_demo.losses import dice_per_mask, sigmoid_bce_per_mask
 from lisa_demo.model import LisaModel
-from lisa_demo.train.data import SampleBatcher, click_points, training_targets
+from lisa_demo.train.data import SampleBatcher, file_identity, training_targets
+from lisa_demo.train.pretrain.objectives import click_prompts, description_prompts
+from lisa_demo.train.pretrain.targets import click_points
 
 VOCABULARIES = (tuple(SHAPE_KINDS), tuple(COLOURS), tuple(SIZES))
 MIN_COVER = 0.25  # share of a patch an object must cover to label it
@@ -122,9 +124,7 @@ def _run_stage(
     log_every: int = 50,
 ) -> dict:
     """A wall-clock-budgeted AdamW loop (linear warm-up, cosine decay over the budget)."""
-    optimizer = torch.optim.AdamW(
-        params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0, **adamw_options(params)
-    )
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(f"warmup/{name}/{seed}")
     samples = list(samples)
     budget = minutes * 60.0
@@ -238,7 +238,7 @@ def warm_up_sam(
     thresholded masks (clicks and descriptions together).
     """
     sam = model.sam
-    describe = model.description_prompts
+    describe = description_prompts(model)
     objects_of: dict[str, list] = {}
     rng = random.Random(f"warmup/sam-objects/{seed}")
 
@@ -256,7 +256,7 @@ def warm_up_sam(
         embeddings = sam.vision_encoder(batch["sam_pixel_values"]).last_hidden_state
         sizes = (batch["input_sizes"], batch["original_sizes"])
         clicks = click_points({**batch, "masks": masks})
-        prompts = [model.click_prompts(c) for c in clicks]
+        prompts = [click_prompts(model, c) for c in clicks]
         if describe is not None:
             for row, (classes, _) in enumerate(chosen):
                 if classes is not None:
@@ -279,3 +279,20 @@ def warm_up_sam(
     params = list(sam.parameters()) + (list(describe.parameters()) if describe else [])
     return _run_stage("sam", params, loss_fn, samples, minutes, batch_size, learning_rate,
                       seed, emit, should_stop)  # fmt: skip
+
+
+def warmup_samples(train_set, n_train: int, images: int = 0) -> list[Sample]:
+    """The training samples of the first `images` distinct images (all when 0; hard links to
+    one image file count once)."""
+    samples = [train_set[i] for i in range(n_train)]
+    if not images:
+        return samples
+    kept: set = set()
+    chosen = []
+    for sample in samples:
+        image = file_identity(Path(sample.record.image_path))
+        if image not in kept and len(kept) >= images:
+            continue
+        kept.add(image)
+        chosen.append(sample)
+    return chosen
