@@ -176,12 +176,7 @@ def path_arguments(args: argparse.Namespace) -> list[tuple]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lisa_demo.infer.pipeline import (
-        LisaPipeline,
-        check_query,
-        load_image,
-        probability_to_logit,
-    )
+    from lisa_demo.infer.pipeline import LisaPipeline, check_query, load_image, probability_to_logit
 
     check_query(args.query)  # every argument is checked before a model loads
     if not 0.0 < args.threshold < 1.0:

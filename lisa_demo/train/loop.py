@@ -435,7 +435,7 @@ def _run(
     warmed = (
         resume is None
         and recipe is not None
-        and recipe.before_loop(core, batcher, train_set, n_train, world, events.emit, stop.local)
+        and recipe.before_loop(core, batcher, train_set, n_new, world, events.emit, stop.local)
     )
 
     def evaluate_now(before: bool = False) -> dict:
@@ -482,11 +482,9 @@ def _run(
         # buffers on one device.
         from lisa_demo.memory_savings import offload
 
-        # Every image a step may draw: the new samples and the whole replay pool (each epoch
-        # draws other replay samples).
-        pool = train_mix.replay
-        train_images = [train_mix[i] for i in range(train_mix.n_new)]
-        train_images += [pool[i] for i in range(len(pool))]
+        train_images = [train_set[i] for i in range(n_new)]
+        if plan is not None and plan.replay is not None:  # every replay sample may be drawn
+            train_images += [plan.replay[i] for i in range(len(plan.replay))]
         encoded = encode_every_image(core, batcher, train_images + val_samples + retention,
                                      cache, device, cfg.batch_size)  # fmt: skip
         offload(core.sam.vision_encoder)
@@ -684,15 +682,15 @@ def _num(value) -> float | None:
     return None if value is None else float(value.detach())
 
 
-def _loss_terms(out) -> dict[str, float | None]:
-    """Every `*_loss` term of a forward's output (LISA's, plus a recipe's)."""
-    return {f.name: _num(getattr(out, f.name)) for f in fields(out) if f.name.endswith("_loss")}
-
-
 def _mask_side_parameters(model) -> list[torch.nn.Parameter]:
     """The [SEG] projection and SAM's mask decoder (what --mask-lr-scale scales)."""
     parts = (model.text_hidden_fcs, model.sam.mask_decoder)
     return [p for part in parts for p in part.parameters()]
+
+
+def _loss_terms(out) -> dict[str, float | None]:
+    """Every `*_loss` term of a forward's output (LISA's, plus a recipe's)."""
+    return {f.name: _num(getattr(out, f.name)) for f in fields(out) if f.name.endswith("_loss")}
 
 
 def _encoder_parameters(model) -> list[torch.nn.Parameter]:

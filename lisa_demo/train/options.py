@@ -549,7 +549,7 @@ def path_arguments(args: argparse.Namespace) -> list[tuple]:
     return [
         ("--output-dir", args.output_dir, OUTPUT_FOLDER),
         ("--dataset", args.dataset, FOLDER, "a folder with train/ and val/ (ReasonSeg layout)"),
-        ("--replay-dir", args.replay_dir, FOLDER, "a folder with train/ and val/ (ReasonSeg)"),
+        ("--replay-dir", args.replay_dir, FOLDER, "a ReasonSeg folder of the base model's data"),
         ("--explanations", args.explanations, FILE, "a JSON file of explanations"),
         ("--resume", args.resume, CHECKPOINT, "a run folder or a checkpoint folder"),
         ("--init-from", args.init_from, CHECKPOINT, "a checkpoint folder or a run folder"),

@@ -111,14 +111,14 @@ class ReplayMix(Sequence[Sample]):
         """Pool indices of epoch `epoch`: positions [epoch * k, (epoch + 1) * k) of an endless
         sequence of shuffled passes over the pool."""
         pool, k = len(self.replay), self.n_replay
-        if not k:
-            return []
+        orders: dict[int, list[int]] = {}
         drawn = []
         for position in range(epoch * k, (epoch + 1) * k):
             passes, offset = divmod(position, pool)
-            order = list(range(pool))
-            random.Random(f"replay/{self.seed}/{passes}").shuffle(order)
-            drawn.append(order[offset])
+            if passes not in orders:
+                orders[passes] = list(range(pool))
+                random.Random(f"replay/{self.seed}/{passes}").shuffle(orders[passes])
+            drawn.append(orders[passes][offset])
         return drawn
 
     def is_replay(self, index: int) -> bool:

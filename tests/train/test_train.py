@@ -131,8 +131,8 @@ def test_offloaded_sam_encoder_run_trains_to_the_same_losses(tiny_loaded, datase
         runs[name] = read_events(out)
     events, reference = runs["offloaded"], runs["plain"]
     (offloaded,) = of(events, "sam_encoder_offloaded")
-    # The 6 training images; the 3 validation ones were encoded by the evaluation before the
-    # first step (the runs score a retention set from the start).
+    # The dataset's 6 train images; its 3 val images (new-data and retention) were encoded
+    # by the evaluation before the first step.
     assert offloaded["images_encoded"] == 6
     assert not of(reference, "sam_encoder_offloaded")
     logs, expected = of(events, "log"), of(reference, "log")
@@ -367,6 +367,24 @@ def test_schedule_by_time_follows_whichever_is_further_along():
     assert lr_at(60, 110, 10, "constant", 1.0, time_spent=0.9) == 1.0
 
 
+def test_estimate_times_a_few_steps_and_trains_nothing(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train_main(
+        ["--dataset", str(dataset), "--output-dir", str(out), *BASE, "--max-steps", "500",
+         "--eval-every", "100", "--seg-rate-samples", "0", "--estimate"]
+    )  # fmt: skip
+    assert code == 0
+    estimate = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert estimate["total_steps"] == 500 and estimate["evaluations"] == 5
+    assert estimate["step_s"] > 0 and estimate["eval_s"] > 0 and estimate["startup_s"] > 0
+    expected = estimate["startup_s"] + 500 * estimate["step_s"] + 5 * estimate["eval_s"]
+    assert estimate["total_s"] == pytest.approx(expected, abs=0.2)
+    events = read_events(out)
+    assert [e["event"] for e in events][-2:] == ["estimate", "end"]
+    assert events[-1]["status"] == "estimated"
+    assert not of(events, "log") and not (out / "checkpoints").exists()
+
+
 def test_resume_keeps_this_process_optimizer_implementation(tmp_path):
     """Checkpoints saved with a fused AdamW (as CPU runs before 2026-12-04 did) resume on the
     default one: hyperparameters and moments from the file, the implementation from here."""
@@ -386,21 +404,3 @@ def test_resume_keeps_this_process_optimizer_implementation(tmp_path):
     assert not group["fused"]  # this optimizer's implementation
     state = next(iter(plain.state.values()))
     assert torch.equal(state["exp_avg"], next(iter(fused.state.values()))["exp_avg"])
-
-
-def test_estimate_times_a_few_steps_and_trains_nothing(dataset, tmp_path, capsys):
-    out = tmp_path / "run"
-    code = train_main(
-        ["--dataset", str(dataset), "--output-dir", str(out), *BASE, "--max-steps", "500",
-         "--eval-every", "100", "--seg-rate-samples", "0", "--estimate"]
-    )  # fmt: skip
-    assert code == 0
-    estimate = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert estimate["total_steps"] == 500 and estimate["evaluations"] == 5
-    assert estimate["step_s"] > 0 and estimate["eval_s"] > 0 and estimate["startup_s"] > 0
-    expected = estimate["startup_s"] + 500 * estimate["step_s"] + 5 * estimate["eval_s"]
-    assert estimate["total_s"] == pytest.approx(expected, abs=0.2)
-    events = read_events(out)
-    assert [e["event"] for e in events][-2:] == ["estimate", "end"]
-    assert events[-1]["status"] == "estimated"
-    assert not of(events, "log") and not (out / "checkpoints").exists()
