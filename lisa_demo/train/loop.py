@@ -95,18 +95,26 @@ class _ScheduleClock:
 
 
 def build_optimizer(
-    params: list[torch.nn.Parameter], cfg: TrainConfig, mask_side: set[int] | None = None
+    params: list[torch.nn.Parameter],
+    cfg: TrainConfig,
+    mask_side: set[int] | None = None,
+    projector: set[int] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (8 bytes of state per trainable parameter), or bitsandbytes' paged 8-bit AdamW
     (2 bytes, paged to CPU memory under GPU memory pressure; unpaged on a CPU).
 
-    With --mask-lr-scale other than 1, the parameters whose ids are in `mask_side` form a
-    second group whose "lr_scale" the loop multiplies the scheduled learning rate by."""
+    With --mask-lr-scale or --projector-lr-scale other than 1, the parameters whose ids are in
+    `mask_side` (or `projector`) form their own group, whose "lr_scale" the loop multiplies the
+    scheduled learning rate by."""
     kwargs = {"lr": cfg.learning_rate, "betas": (0.9, 0.95), "weight_decay": cfg.weight_decay}
-    if mask_side and cfg.mask_lr_scale != 1.0:
-        groups = [
-            {"params": [p for p in params if id(p) not in mask_side], "lr_scale": 1.0},
-            {"params": [p for p in params if id(p) in mask_side], "lr_scale": cfg.mask_lr_scale},
+    parts = [(mask_side or set(), cfg.mask_lr_scale), (projector or set(), cfg.projector_lr_scale)]
+    parts = [(ids, scale) for ids, scale in parts if ids and scale != 1.0]
+    if parts:
+        scaled = set().union(*(ids for ids, _ in parts))
+        groups = [{"params": [p for p in params if id(p) not in scaled], "lr_scale": 1.0}]
+        groups += [
+            {"params": [p for p in params if id(p) in ids], "lr_scale": scale}
+            for ids, scale in parts
         ]
         params = [group for group in groups if group["params"]]  # type: ignore[misc]
     if cfg.optimizer == "paged_adamw_8bit":
@@ -370,7 +378,10 @@ def _run(
         core.train_sam_encoder = False
     for p in params:  # master weights in fp32; autocast does the low-precision math
         p.data = p.data.float()
-    optimizer = build_optimizer(params, cfg, {id(p) for p in _mask_side_parameters(core)})
+    optimizer = build_optimizer(
+        params, cfg, {id(p) for p in _mask_side_parameters(core)},
+        {id(p) for p in core.base_llava.model.multi_modal_projector.parameters()},
+    )  # fmt: skip
     # `model` is what trains (the recipe's wrapper, if any); `core` the LisaModel inside it,
     # whose weights are saved, evaluated and exported.
     model, optimizer = accelerator.prepare(recipe.wrap(core) if recipe else core, optimizer)

@@ -55,6 +55,7 @@ class TrainConfig:
     learning_rate: float = 3e-4
     # The [SEG] projection and SAM's mask decoder learn at this multiple of learning_rate.
     mask_lr_scale: float = 1.0
+    projector_lr_scale: float = 1.0  # LLaVA's projector (--train-projector), the same way
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | paged_adamw_8bit (bitsandbytes, 2 bytes of state/param)
     lr_scheduler: str = "linear"
@@ -106,8 +107,11 @@ class TrainConfig:
             raise ConfigError("use either --dataset or --synthetic, not both")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
-        if not self.mask_lr_scale >= 0:
-            raise ConfigError(f"--mask-lr-scale must be >= 0, got {self.mask_lr_scale}")
+        for name in ("mask_lr_scale", "projector_lr_scale"):
+            if not getattr(self, name) >= 0:  # also refuses NaN
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("--epochs is 0 and no --max-steps: nothing to train")
         for name in ("batch_size", "grad_accum"):
@@ -327,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the [SEG] projection and SAM's mask decoder learn at this multiple of the "
         "learning rate (the language model's LoRA and token rows at the rate itself)",
     )
+    _add(
+        p,
+        "projector-lr-scale",
+        type=float,
+        default=TrainConfig.projector_lr_scale,
+        help="with --train-projector: LLaVA's projector learns at this multiple of the "
+        "learning rate",
+    )
     _add(p, "weight-decay", type=float, default=0.0)
     _add(
         p,
@@ -510,6 +522,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         grad_accum=args.grad_accum,
         learning_rate=args.learning_rate,
         mask_lr_scale=args.mask_lr_scale,
+        projector_lr_scale=args.projector_lr_scale,
         weight_decay=args.weight_decay,
         optimizer=args.optimizer,
         lr_scheduler=args.lr_scheduler,
