@@ -164,7 +164,7 @@ def test_harmful_fine_tune_of_the_bundled_model_replays_and_ends_with_a_warning(
     assert all("heart" not in json.dumps(a["objects"]) for a in retention)
 
 
-def test_mask_lr_scale_puts_the_mask_side_in_its_own_group(tmp_path):
+def test_lr_scales_put_the_mask_side_and_the_projector_in_their_own_groups(tmp_path):
     import torch
 
     from lisa_demo.train.loop import build_optimizer
@@ -182,3 +182,11 @@ def test_mask_lr_scale_puts_the_mask_side_in_its_own_group(tmp_path):
     assert [{id(p) for p in g["params"]} for g in groups] == [
         {id(p) for p in language.parameters()}, mask_side
     ]  # fmt: skip
+    projector = torch.nn.Linear(2, 2)
+    both = build_optimizer(
+        [*params, *projector.parameters()],
+        parse_args([*base, "--mask-lr-scale", "0", "--projector-lr-scale", "0.1"]),
+        mask_side, {id(p) for p in projector.parameters()},
+    )  # fmt: skip
+    assert [g["lr_scale"] for g in both.param_groups] == [1.0, 0.0, 0.1]
+    assert [len(g["params"]) for g in both.param_groups] == [2, 2, 2]
