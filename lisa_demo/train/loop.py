@@ -19,6 +19,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
@@ -403,6 +404,9 @@ def _run(
         if cfg.freeze_encoders or not _vision_trains(core):
             feature_cache = EmbeddingCache(f"{llava_id}/vision", disk_dir=cfg.embedding_cache_dir)
 
+    # Distillation needs adapters to switch off (LoRA) and replay samples to apply to.
+    distill = bool(cfg.replay_distill and train_mix.n_replay and cfg.model.use_lora)
+    distill_loss: torch.Tensor | None = None
     per_epoch = max(1, (n_train // world) // cfg.batch_size // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
     epochs = cfg.epochs if not cfg.max_steps else math.ceil(cfg.max_steps / per_epoch)
@@ -525,14 +529,17 @@ def _run(
                 inputs.update(recipe.batch_inputs(samples, batch))
             micro += 1
             sync = micro % cfg.grad_accum == 0 or index == len(batches) - 1
+            replayed = [n for n, i in enumerate(batch_indices) if train_mix.is_replay(i)]
             with accelerator.autocast():
-                if sync:
+                # The base model's [SEG] prompts for the replay samples (--replay-distill).
+                reference = _base_prompts(core, inputs) if distill and replayed else None
+                with nullcontext() if sync else accelerator.no_sync(model):
                     out = model(**inputs)
-                    accelerator.backward(out.loss / cfg.grad_accum)
-                else:
-                    with accelerator.no_sync(model):
-                        out = model(**inputs)
-                        accelerator.backward(out.loss / cfg.grad_accum)
+                    loss = out.loss
+                    if reference is not None:
+                        distill_loss = _prompt_distance(out.prompts, reference, replayed)
+                        loss = loss + cfg.replay_distill * distill_loss
+                    accelerator.backward(loss / cfg.grad_accum)
             progress.batch_in_epoch = index + 1
             window_samples += len(samples) * world
             run_samples += len(samples) * world
@@ -565,6 +572,7 @@ def _run(
                 events.emit(
                     "log", step=progress.step, epoch=progress.epoch,
                     loss=float(out.loss.detach()), **_loss_terms(out), lr=lr,
+                    distill_loss=_num(distill_loss),
                     samples_per_sec=window_samples / max(elapsed, 1e-9),
                     memory_mb=round(peak_memory_mb(device), 1), total_steps=total_steps,
                     eta_seconds=round(per_step * (total_steps - progress.step), 1),
@@ -697,6 +705,23 @@ def _mask_side_parameters(model) -> list[torch.nn.Parameter]:
     """The [SEG] projection and SAM's mask decoder (what --mask-lr-scale scales)."""
     parts = (model.text_hidden_fcs, model.sam.mask_decoder)
     return [p for part in parts for p in part.parameters()]
+
+
+def _base_prompts(core: LisaModel, inputs: dict) -> list[torch.Tensor]:
+    """The [SEG] prompts the model gave before training: the same forward with the LoRA
+    adapters and trainable token rows switched off (peft), without gradients."""
+    with torch.no_grad(), core.llava.disable_adapter():
+        return [prompt.detach() for prompt in core(**inputs).prompts]
+
+
+def _prompt_distance(
+    prompts: list[torch.Tensor], reference: list[torch.Tensor], rows: list[int]
+) -> torch.Tensor:
+    """Mean squared distance between the batch's [SEG] prompts and the base model's, over the
+    samples `rows` (the replay samples)."""
+    return torch.stack(
+        [torch.nn.functional.mse_loss(prompts[n], reference[n]) for n in rows]
+    ).mean()
 
 
 def _loss_terms(out) -> dict[str, float | None]:

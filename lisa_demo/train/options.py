@@ -91,6 +91,10 @@ class TrainConfig:
     replay_dir: Path | None = None  # ReasonSeg folder of the base domain (train/ + val/)
     replay_scenes: int = 0  # synthetic replay scenes to generate; 0 = as many as new images
     retention_margin: float = 0.03  # gIoU the retention set may lose before the run warns
+    # Weight of an MSE keeping the replay samples' [SEG] prompts at the base model's (the same
+    # model with its LoRA adapters off): replay then keeps what the model did, not only what
+    # the labels say. 0 = off.
+    replay_distill: float = 0.0
     # Retention images scored at each evaluation (0 = all there are). Per-image IoUs are
     # nearly all near 0 or near 0.85, so 100 images put the standard error of a difference
     # of gIoU around 0.02 and 40 around 0.04: below that, the margin would be noise.
@@ -131,6 +135,7 @@ class TrainConfig:
             "replay_scenes",
             "retention_margin",
             "retention_samples",
+            "replay_distill",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")  # fmt: skip
@@ -430,6 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(
         p,
+        "replay-distill",
+        type=float,
+        default=TrainConfig.replay_distill,
+        metavar="WEIGHT",
+        help="fine-tuning with LoRA: an MSE (times WEIGHT) keeps the replay samples' [SEG] "
+        "prompts at those of the model before the run (its adapters switched off); 0 = off",
+    )
+    _add(
+        p,
         "retention-margin",
         type=float,
         default=TrainConfig.retention_margin,
@@ -552,6 +566,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         replay_dir=args.replay_dir,
         replay_scenes=args.replay_scenes,
         retention_margin=args.retention_margin,
+        replay_distill=args.replay_distill,
         retention_samples=args.retention_samples,
         estimate=args.estimate,
     )
