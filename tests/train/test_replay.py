@@ -190,3 +190,34 @@ def test_lr_scales_put_the_mask_side_and_the_projector_in_their_own_groups(tmp_p
     )  # fmt: skip
     assert [g["lr_scale"] for g in both.param_groups] == [1.0, 0.0, 0.1]
     assert [len(g["params"]) for g in both.param_groups] == [2, 2, 2]
+
+
+def test_distillation_reference_is_the_model_before_training(tmp_path):
+    """The reference prompts come from the same model with its LoRA adapters and trainable
+    token rows switched off: exactly the untouched model's, however far training moved."""
+    import torch
+
+    from lisa_demo.loading import load_lisa
+    from lisa_demo.train.data import SampleBatcher, training_inputs
+    from lisa_demo.train.loop import _base_prompts, _prompt_distance
+
+    generate_dataset(tmp_path, {"train": 2}, seed=5)
+    data = ReasonSegDataset(tmp_path / "train", queries="first")
+    tuned = load_lisa(preset("tiny-random").replace(use_lora=True, train_tokens=("heart",)),
+                      device="cpu", for_training=True)  # fmt: skip
+    batcher = SampleBatcher(tuned.processor, tuned.sam_processor, fmt=tuned.prompt_format)
+    inputs = training_inputs(batcher([data[0], data[1]], training=True), "cpu", None, None)
+    with torch.no_grad():
+        untouched = tuned.model(**inputs).prompts  # before any step (LoRA's B is zero)
+        for name, param in tuned.model.named_parameters():  # "training" moves every adapter
+            if param.requires_grad and ("lora" in name or "token" in name):
+                param.add_(0.05 * torch.randn_like(param))
+        moved = tuned.model(**inputs).prompts
+    reference = _base_prompts(tuned.model, inputs)
+    for ours, base, now in zip(reference, untouched, moved, strict=True):
+        torch.testing.assert_close(ours, base)
+        assert not torch.allclose(now, base)
+    # The distance averages each replay row's mean squared difference.
+    a = [torch.zeros(1, 2), torch.ones(1, 2), torch.full((1, 2), 3.0)]
+    b = [torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2)]
+    assert _prompt_distance(a, b, [1, 2]).item() == pytest.approx((1.0 + 9.0) / 2)
