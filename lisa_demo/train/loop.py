@@ -19,7 +19,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
@@ -406,6 +406,7 @@ def _run(
 
     # Distillation needs adapters to switch off (LoRA) and replay samples to apply to.
     distill = bool(cfg.replay_distill and train_mix.n_replay and cfg.model.use_lora)
+    base = BaseWeights(core, params) if distill else None
     distill_loss: torch.Tensor | None = None
     per_epoch = max(1, (n_train // world) // cfg.batch_size // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
@@ -532,7 +533,7 @@ def _run(
             replayed = [n for n, i in enumerate(batch_indices) if train_mix.is_replay(i)]
             with accelerator.autocast():
                 # The base model's [SEG] prompts for the replay samples (--replay-distill).
-                reference = _base_prompts(core, inputs) if distill and replayed else None
+                reference = _base_prompts(core, inputs, base) if base and replayed else None
                 with nullcontext() if sync else accelerator.no_sync(model):
                     out = model(**inputs)
                     loss = out.loss
@@ -707,10 +708,40 @@ def _mask_side_parameters(model) -> list[torch.nn.Parameter]:
     return [p for part in parts for p in part.parameters()]
 
 
-def _base_prompts(core: LisaModel, inputs: dict) -> list[torch.Tensor]:
+class BaseWeights:
+    """The starting values of the trainable weights peft cannot switch off (the projection,
+    the mask decoder, a trained projector), to swap in for a forward of the model as it was.
+    One extra copy of those weights."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]) -> None:
+        trainable = {id(p) for p in params}
+        self.saved = [
+            (param, param.detach().clone())
+            for name, param in model.named_parameters()
+            if id(param) in trainable and not _is_adapter(name)
+        ]
+
+    @contextmanager
+    def swapped_in(self):
+        for param, base in self.saved:
+            param.data, base.data = base.data, param.data
+        try:
+            yield
+        finally:
+            for param, base in self.saved:
+                param.data, base.data = base.data, param.data
+
+
+def _is_adapter(name: str) -> bool:
+    """A peft LoRA weight or trainable-token delta (what disable_adapter switches off)."""
+    return "lora_" in name or "token_adapter" in name or "trainable_tokens" in name
+
+
+def _base_prompts(core: LisaModel, inputs: dict, base: BaseWeights) -> list[torch.Tensor]:
     """The [SEG] prompts the model gave before training: the same forward with the LoRA
-    adapters and trainable token rows switched off (peft), without gradients."""
-    with torch.no_grad(), core.llava.disable_adapter():
+    adapters and trainable token rows switched off (peft) and the other trained weights at
+    their starting values, without gradients."""
+    with torch.no_grad(), core.llava.disable_adapter(), base.swapped_in():
         return [prompt.detach() for prompt in core(**inputs).prompts]
 
 

@@ -194,12 +194,13 @@ def test_lr_scales_put_the_mask_side_and_the_projector_in_their_own_groups(tmp_p
 
 def test_distillation_reference_is_the_model_before_training(tmp_path):
     """The reference prompts come from the same model with its LoRA adapters and trainable
-    token rows switched off: exactly the untouched model's, however far training moved."""
+    token rows switched off and its other trained weights (projection, mask decoder) at their
+    starting values: exactly the untouched model's, however far training moved."""
     import torch
 
     from lisa_demo.loading import load_lisa
     from lisa_demo.train.data import SampleBatcher, training_inputs
-    from lisa_demo.train.loop import _base_prompts, _prompt_distance
+    from lisa_demo.train.loop import BaseWeights, _base_prompts, _prompt_distance
 
     generate_dataset(tmp_path, {"train": 2}, seed=5)
     data = ReasonSegDataset(tmp_path / "train", queries="first")
@@ -207,13 +208,16 @@ def test_distillation_reference_is_the_model_before_training(tmp_path):
                       device="cpu", for_training=True)  # fmt: skip
     batcher = SampleBatcher(tuned.processor, tuned.sam_processor, fmt=tuned.prompt_format)
     inputs = training_inputs(batcher([data[0], data[1]], training=True), "cpu", None, None)
+    params = [p for p in tuned.model.parameters() if p.requires_grad]
+    base = BaseWeights(tuned.model, params)
+    tuned.model.eval()  # LoRA's dropout off, so that forwards repeat exactly
     with torch.no_grad():
         untouched = tuned.model(**inputs).prompts  # before any step (LoRA's B is zero)
-        for name, param in tuned.model.named_parameters():  # "training" moves every adapter
-            if param.requires_grad and ("lora" in name or "token" in name):
-                param.add_(0.05 * torch.randn_like(param))
+        for param in params:  # "training" moves every adapter, the projection, the decoder
+            param.add_(0.05 * torch.randn_like(param))
         moved = tuned.model(**inputs).prompts
-    reference = _base_prompts(tuned.model, inputs)
+    reference = _base_prompts(tuned.model, inputs, base)
+    assert torch.equal(tuned.model(**inputs).prompts[0], moved[0])  # trained weights are back
     for ours, base, now in zip(reference, untouched, moved, strict=True):
         torch.testing.assert_close(ours, base)
         assert not torch.allclose(now, base)
