@@ -19,6 +19,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
@@ -95,18 +96,26 @@ class _ScheduleClock:
 
 
 def build_optimizer(
-    params: list[torch.nn.Parameter], cfg: TrainConfig, mask_side: set[int] | None = None
+    params: list[torch.nn.Parameter],
+    cfg: TrainConfig,
+    mask_side: set[int] | None = None,
+    projector: set[int] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (8 bytes of state per trainable parameter), or bitsandbytes' paged 8-bit AdamW
     (2 bytes, paged to CPU memory under GPU memory pressure; unpaged on a CPU).
 
-    With --mask-lr-scale other than 1, the parameters whose ids are in `mask_side` form a
-    second group whose "lr_scale" the loop multiplies the scheduled learning rate by."""
+    With --mask-lr-scale or --projector-lr-scale other than 1, the parameters whose ids are in
+    `mask_side` (or `projector`) form their own group, whose "lr_scale" the loop multiplies the
+    scheduled learning rate by."""
     kwargs = {"lr": cfg.learning_rate, "betas": (0.9, 0.95), "weight_decay": cfg.weight_decay}
-    if mask_side and cfg.mask_lr_scale != 1.0:
-        groups = [
-            {"params": [p for p in params if id(p) not in mask_side], "lr_scale": 1.0},
-            {"params": [p for p in params if id(p) in mask_side], "lr_scale": cfg.mask_lr_scale},
+    parts = [(mask_side or set(), cfg.mask_lr_scale), (projector or set(), cfg.projector_lr_scale)]
+    parts = [(ids, scale) for ids, scale in parts if ids and scale != 1.0]
+    if parts:
+        scaled = set().union(*(ids for ids, _ in parts))
+        groups = [{"params": [p for p in params if id(p) not in scaled], "lr_scale": 1.0}]
+        groups += [
+            {"params": [p for p in params if id(p) in ids], "lr_scale": scale}
+            for ids, scale in parts
         ]
         params = [group for group in groups if group["params"]]  # type: ignore[misc]
     if cfg.optimizer == "paged_adamw_8bit":
@@ -370,7 +379,10 @@ def _run(
         core.train_sam_encoder = False
     for p in params:  # master weights in fp32; autocast does the low-precision math
         p.data = p.data.float()
-    optimizer = build_optimizer(params, cfg, {id(p) for p in _mask_side_parameters(core)})
+    optimizer = build_optimizer(
+        params, cfg, {id(p) for p in _mask_side_parameters(core)},
+        {id(p) for p in core.base_llava.model.multi_modal_projector.parameters()},
+    )  # fmt: skip
     # `model` is what trains (the recipe's wrapper, if any); `core` the LisaModel inside it,
     # whose weights are saved, evaluated and exported.
     model, optimizer = accelerator.prepare(recipe.wrap(core) if recipe else core, optimizer)
@@ -392,6 +404,10 @@ def _run(
         if cfg.freeze_encoders or not _vision_trains(core):
             feature_cache = EmbeddingCache(f"{llava_id}/vision", disk_dir=cfg.embedding_cache_dir)
 
+    # Distillation needs adapters to switch off (LoRA) and replay samples to apply to.
+    distill = bool(cfg.replay_distill and train_mix.n_replay and cfg.model.use_lora)
+    base = BaseWeights(core, params) if distill else None
+    distill_loss: torch.Tensor | None = None
     per_epoch = max(1, (n_train // world) // cfg.batch_size // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
     epochs = cfg.epochs if not cfg.max_steps else math.ceil(cfg.max_steps / per_epoch)
@@ -514,14 +530,17 @@ def _run(
                 inputs.update(recipe.batch_inputs(samples, batch))
             micro += 1
             sync = micro % cfg.grad_accum == 0 or index == len(batches) - 1
+            replayed = [n for n, i in enumerate(batch_indices) if train_mix.is_replay(i)]
             with accelerator.autocast():
-                if sync:
+                # The base model's [SEG] prompts for the replay samples (--replay-distill).
+                reference = _base_prompts(core, inputs, base) if base and replayed else None
+                with nullcontext() if sync else accelerator.no_sync(model):
                     out = model(**inputs)
-                    accelerator.backward(out.loss / cfg.grad_accum)
-                else:
-                    with accelerator.no_sync(model):
-                        out = model(**inputs)
-                        accelerator.backward(out.loss / cfg.grad_accum)
+                    loss = out.loss
+                    if reference is not None:
+                        distill_loss = _prompt_distance(out.prompts, reference, replayed)
+                        loss = loss + cfg.replay_distill * distill_loss
+                    accelerator.backward(loss / cfg.grad_accum)
             progress.batch_in_epoch = index + 1
             window_samples += len(samples) * world
             run_samples += len(samples) * world
@@ -554,6 +573,7 @@ def _run(
                 events.emit(
                     "log", step=progress.step, epoch=progress.epoch,
                     loss=float(out.loss.detach()), **_loss_terms(out), lr=lr,
+                    distill_loss=_num(distill_loss),
                     samples_per_sec=window_samples / max(elapsed, 1e-9),
                     memory_mb=round(peak_memory_mb(device), 1), total_steps=total_steps,
                     eta_seconds=round(per_step * (total_steps - progress.step), 1),
@@ -686,6 +706,53 @@ def _mask_side_parameters(model) -> list[torch.nn.Parameter]:
     """The [SEG] projection and SAM's mask decoder (what --mask-lr-scale scales)."""
     parts = (model.text_hidden_fcs, model.sam.mask_decoder)
     return [p for part in parts for p in part.parameters()]
+
+
+class BaseWeights:
+    """The starting values of the trainable weights peft cannot switch off (the projection,
+    the mask decoder, a trained projector), to swap in for a forward of the model as it was.
+    One extra copy of those weights."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]) -> None:
+        trainable = {id(p) for p in params}
+        self.saved = [
+            (param, param.detach().clone())
+            for name, param in model.named_parameters()
+            if id(param) in trainable and not _is_adapter(name)
+        ]
+
+    @contextmanager
+    def swapped_in(self):
+        for param, base in self.saved:
+            param.data, base.data = base.data, param.data
+        try:
+            yield
+        finally:
+            for param, base in self.saved:
+                param.data, base.data = base.data, param.data
+
+
+def _is_adapter(name: str) -> bool:
+    """A peft LoRA weight or trainable-token delta (what disable_adapter switches off)."""
+    return "lora_" in name or "token_adapter" in name or "trainable_tokens" in name
+
+
+def _base_prompts(core: LisaModel, inputs: dict, base: BaseWeights) -> list[torch.Tensor]:
+    """The [SEG] prompts the model gave before training: the same forward with the LoRA
+    adapters and trainable token rows switched off (peft) and the other trained weights at
+    their starting values, without gradients."""
+    with torch.no_grad(), core.llava.disable_adapter(), base.swapped_in():
+        return [prompt.detach() for prompt in core(**inputs).prompts]
+
+
+def _prompt_distance(
+    prompts: list[torch.Tensor], reference: list[torch.Tensor], rows: list[int]
+) -> torch.Tensor:
+    """Mean squared distance between the batch's [SEG] prompts and the base model's, over the
+    samples `rows` (the replay samples)."""
+    return torch.stack(
+        [torch.nn.functional.mse_loss(prompts[n], reference[n]) for n in rows]
+    ).mean()
 
 
 def _loss_terms(out) -> dict[str, float | None]:

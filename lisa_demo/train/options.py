@@ -55,6 +55,7 @@ class TrainConfig:
     learning_rate: float = 3e-4
     # The [SEG] projection and SAM's mask decoder learn at this multiple of learning_rate.
     mask_lr_scale: float = 1.0
+    projector_lr_scale: float = 1.0  # LLaVA's projector (--train-projector), the same way
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | paged_adamw_8bit (bitsandbytes, 2 bytes of state/param)
     lr_scheduler: str = "linear"
@@ -90,6 +91,10 @@ class TrainConfig:
     replay_dir: Path | None = None  # ReasonSeg folder of the base domain (train/ + val/)
     replay_scenes: int = 0  # synthetic replay scenes to generate; 0 = as many as new images
     retention_margin: float = 0.03  # gIoU the retention set may lose before the run warns
+    # Weight of an MSE keeping the replay samples' [SEG] prompts at the base model's (the same
+    # model with its LoRA adapters off): replay then keeps what the model did, not only what
+    # the labels say. 0 = off.
+    replay_distill: float = 0.0
     # Retention images scored at each evaluation (0 = all there are). Per-image IoUs are
     # nearly all near 0 or near 0.85, so 100 images put the standard error of a difference
     # of gIoU around 0.02 and 40 around 0.04: below that, the margin would be noise.
@@ -106,8 +111,11 @@ class TrainConfig:
             raise ConfigError("use either --dataset or --synthetic, not both")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
-        if not self.mask_lr_scale >= 0:
-            raise ConfigError(f"--mask-lr-scale must be >= 0, got {self.mask_lr_scale}")
+        for name in ("mask_lr_scale", "projector_lr_scale"):
+            if not getattr(self, name) >= 0:  # also refuses NaN
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("--epochs is 0 and no --max-steps: nothing to train")
         for name in ("batch_size", "grad_accum"):
@@ -127,6 +135,7 @@ class TrainConfig:
             "replay_scenes",
             "retention_margin",
             "retention_samples",
+            "replay_distill",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")  # fmt: skip
@@ -327,6 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the [SEG] projection and SAM's mask decoder learn at this multiple of the "
         "learning rate (the language model's LoRA and token rows at the rate itself)",
     )
+    _add(
+        p,
+        "projector-lr-scale",
+        type=float,
+        default=TrainConfig.projector_lr_scale,
+        help="with --train-projector: LLaVA's projector learns at this multiple of the "
+        "learning rate",
+    )
     _add(p, "weight-decay", type=float, default=0.0)
     _add(
         p,
@@ -415,6 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="synthetic replay scenes to generate for the bundled model (0 = as many as the "
         "new data has images)",
+    )
+    _add(
+        p,
+        "replay-distill",
+        type=float,
+        default=TrainConfig.replay_distill,
+        metavar="WEIGHT",
+        help="fine-tuning with LoRA: an MSE (times WEIGHT) keeps the replay samples' [SEG] "
+        "prompts at those of the model before the run (its adapters switched off); 0 = off",
     )
     _add(
         p,
@@ -510,6 +536,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         grad_accum=args.grad_accum,
         learning_rate=args.learning_rate,
         mask_lr_scale=args.mask_lr_scale,
+        projector_lr_scale=args.projector_lr_scale,
         weight_decay=args.weight_decay,
         optimizer=args.optimizer,
         lr_scheduler=args.lr_scheduler,
@@ -539,6 +566,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         replay_dir=args.replay_dir,
         replay_scenes=args.replay_scenes,
         retention_margin=args.retention_margin,
+        replay_distill=args.replay_distill,
         retention_samples=args.retention_samples,
         estimate=args.estimate,
     )

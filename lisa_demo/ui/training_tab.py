@@ -54,6 +54,7 @@ DEFAULT_RUN = {
     "lora_targets": list(LORA_TARGETS), "explained_answers": True, "pointing_weight": 0.0,
     "train_projector": True, "lora_dropout": ModelConfig.lora_dropout,
     "replay_share": TrainRequest.replay_share, "retention_margin": TrainRequest.retention_margin,
+    "mask_lr_scale": TrainRequest.mask_lr_scale, "replay_distill": TrainRequest.replay_distill,
 }  # fmt: skip
 # gradio's own autoscroll only follows a textbox whose content is under 100 px taller than
 # the box, so the log box is scrolled to its newest line in the page after each update.
@@ -208,6 +209,8 @@ def build_request(
     replay_share: float = TrainRequest.replay_share,
     retention_margin: float = TrainRequest.retention_margin,
     replay_folder: str | None = None,
+    mask_lr_scale: float = TrainRequest.mask_lr_scale,
+    replay_distill: float = TrainRequest.replay_distill,
 ) -> TrainRequest:
     """The tab's controls (in the order of TRAIN_INPUTS) as a TrainRequest; gr.Error when
     they ask for something this app does not allow or that cannot work."""
@@ -245,6 +248,8 @@ def build_request(
             replay_share=float(replay_share or 0),
             retention_margin=float(0 if retention_margin is None else retention_margin),
             replay_folder=(replay_folder or "").strip() or None,
+            mask_lr_scale=float(1.0 if mask_lr_scale is None else mask_lr_scale),
+            replay_distill=float(replay_distill or 0),
         )
     except RunError as err:
         raise gr.Error(str(err)) from err
@@ -284,6 +289,8 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
         replay_share: float = TrainRequest.replay_share,
         retention_margin: float = TrainRequest.retention_margin,
         replay_folder: str | None = None,
+        mask_lr_scale: float = TrainRequest.mask_lr_scale,
+        replay_distill: float = TrainRequest.replay_distill,
     ) -> Iterator[tuple]:
         request = build_request(
             settings, source, synthetic_scenes, hold_out_concept, focus_concept, dataset_zip,
@@ -291,7 +298,7 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
             lora_targets, batch_size, grad_accum, max_train_samples, max_val_samples,
             lr_scheduler, precision, quantization, eval_every, explained_answers,
             pointing_weight, train_projector, lora_dropout, replay_share, retention_margin,
-            replay_folder,
+            replay_folder, mask_lr_scale, replay_distill,
         )  # fmt: skip
         try:
             manager.start(settings, request)
@@ -555,6 +562,20 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
                         "the retention set",
                         minimum=0,
                     )
+                    mask_lr_scale = gr.Number(
+                        DEFAULT_RUN["mask_lr_scale"],
+                        label="Mask side: learning rate x",
+                        info="the [SEG] projection and SAM's mask decoder learn at this multiple "
+                        "of the learning rate; 0 keeps them as they are",
+                        minimum=0,
+                    )
+                    replay_distill = gr.Number(
+                        DEFAULT_RUN["replay_distill"],
+                        label="Replay distillation weight",
+                        info="keeps the replay samples' [SEG] prompts at the model's own from "
+                        "before the run; 0 = off",
+                        minimum=0,
+                    )
                     replay_folder = gr.Textbox(
                         label="Replay folder on the server",
                         placeholder="/data/base-domain (train/ replayed, val/ for retention)",
@@ -667,6 +688,8 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
         replay_share,
         retention_margin,
         replay_folder,
+        mask_lr_scale,
+        replay_distill,
     ]  # fmt: skip
     estimate.click(
         make_estimate_handler(settings, manager),

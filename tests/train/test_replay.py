@@ -164,7 +164,7 @@ def test_harmful_fine_tune_of_the_bundled_model_replays_and_ends_with_a_warning(
     assert all("heart" not in json.dumps(a["objects"]) for a in retention)
 
 
-def test_mask_lr_scale_puts_the_mask_side_in_its_own_group(tmp_path):
+def test_lr_scales_put_the_mask_side_and_the_projector_in_their_own_groups(tmp_path):
     import torch
 
     from lisa_demo.train.loop import build_optimizer
@@ -182,3 +182,46 @@ def test_mask_lr_scale_puts_the_mask_side_in_its_own_group(tmp_path):
     assert [{id(p) for p in g["params"]} for g in groups] == [
         {id(p) for p in language.parameters()}, mask_side
     ]  # fmt: skip
+    projector = torch.nn.Linear(2, 2)
+    both = build_optimizer(
+        [*params, *projector.parameters()],
+        parse_args([*base, "--mask-lr-scale", "0", "--projector-lr-scale", "0.1"]),
+        mask_side, {id(p) for p in projector.parameters()},
+    )  # fmt: skip
+    assert [g["lr_scale"] for g in both.param_groups] == [1.0, 0.0, 0.1]
+    assert [len(g["params"]) for g in both.param_groups] == [2, 2, 2]
+
+
+def test_distillation_reference_is_the_model_before_training(tmp_path):
+    """The reference prompts come from the same model with its LoRA adapters and trainable
+    token rows switched off and its other trained weights (projection, mask decoder) at their
+    starting values: exactly the untouched model's, however far training moved."""
+    import torch
+
+    from lisa_demo.loading import load_lisa
+    from lisa_demo.train.data import SampleBatcher, training_inputs
+    from lisa_demo.train.loop import BaseWeights, _base_prompts, _prompt_distance
+
+    generate_dataset(tmp_path, {"train": 2}, seed=5)
+    data = ReasonSegDataset(tmp_path / "train", queries="first")
+    tuned = load_lisa(preset("tiny-random").replace(use_lora=True, train_tokens=("heart",)),
+                      device="cpu", for_training=True)  # fmt: skip
+    batcher = SampleBatcher(tuned.processor, tuned.sam_processor, fmt=tuned.prompt_format)
+    inputs = training_inputs(batcher([data[0], data[1]], training=True), "cpu", None, None)
+    params = [p for p in tuned.model.parameters() if p.requires_grad]
+    base = BaseWeights(tuned.model, params)
+    tuned.model.eval()  # LoRA's dropout off, so that forwards repeat exactly
+    with torch.no_grad():
+        untouched = tuned.model(**inputs).prompts  # before any step (LoRA's B is zero)
+        for param in params:  # "training" moves every adapter, the projection, the decoder
+            param.add_(0.05 * torch.randn_like(param))
+        moved = tuned.model(**inputs).prompts
+    reference = _base_prompts(tuned.model, inputs, base)
+    assert torch.equal(tuned.model(**inputs).prompts[0], moved[0])  # trained weights are back
+    for ours, base, now in zip(reference, untouched, moved, strict=True):
+        torch.testing.assert_close(ours, base)
+        assert not torch.allclose(now, base)
+    # The distance averages each replay row's mean squared difference.
+    a = [torch.zeros(1, 2), torch.ones(1, 2), torch.full((1, 2), 3.0)]
+    b = [torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2)]
+    assert _prompt_distance(a, b, [1, 2]).item() == pytest.approx((1.0 + 9.0) / 2)
