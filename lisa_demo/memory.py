@@ -265,6 +265,8 @@ def architecture_configs(cfg: ModelConfig, sam_variant: str | None = None):
     if Path(cfg.llava).is_dir():
         from transformers import LlavaConfig
 
+        if not (Path(cfg.llava) / "config.json").is_file():
+            raise ConfigError(f"{cfg.llava} is a folder without config.json: not a LLaVA model")
         llava = LlavaConfig.from_pretrained(cfg.llava)
     elif built_in or "llava-1.5-7b" in cfg.llava:
         llava = arch.llava_config()
@@ -278,6 +280,8 @@ def architecture_configs(cfg: ModelConfig, sam_variant: str | None = None):
     if Path(cfg.sam).is_dir():
         from transformers import SamConfig
 
+        if not (Path(cfg.sam) / "config.json").is_file():
+            raise ConfigError(f"{cfg.sam} is a folder without config.json: not a SAM model")
         return llava, SamConfig.from_pretrained(cfg.sam)
     try:
         architectures.sam_variant(cfg.sam)

@@ -146,6 +146,14 @@ def test_bad_settings_are_config_errors():
         estimate_memory(preset("tiny-random").replace(train_all=True))
 
 
+def test_a_model_folder_without_config_json_is_a_config_error(tmp_path):
+    empty = tmp_path / "llava"
+    empty.mkdir()
+    cfg = preset("llava-1.5-7b").replace(llava=str(empty))
+    with pytest.raises(ConfigError, match="without config.json"):
+        count_parameters(cfg)
+
+
 # Counts from the real architectures (meta device) ----------------------------------------------
 def test_llava_1_5_7b_counts_come_from_the_architecture():
     counts = count_parameters(preset("llava-1.5-7b"), "base")
