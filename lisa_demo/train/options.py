@@ -28,6 +28,15 @@ from lisa_demo.train.pretrain import PretrainOptions
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 METRICS = ("giou", "ciou")
+# The fine-tune's conservative defaults, chosen by the measured comparison in
+# assets/tiny-lisa/README.md ("Choosing the fine-tune's defaults"): a full model's trained
+# [SEG] projection and SAM mask decoder stay as they are, and the replay samples' [SEG] prompts
+# are held near the base model's. Where the projection starts untrained (a base LLaVA preset,
+# whose `heads` is None) or everything trains (--train-all), the mask side learns at the full
+# rate.
+FINE_TUNE_MASK_LR_SCALE = 0.0
+TRAIN_ALL_MASK_LR_SCALE = 1.0
+REPLAY_DISTILL = 3.0
 
 
 @dataclass
@@ -53,8 +62,10 @@ class TrainConfig:
     batch_size: int = 2
     grad_accum: int = 1
     learning_rate: float = 3e-4
-    # The [SEG] projection and SAM's mask decoder learn at this multiple of learning_rate.
-    mask_lr_scale: float = 1.0
+    # The [SEG] projection and SAM's mask decoder learn at this multiple of learning_rate;
+    # None: FINE_TUNE_MASK_LR_SCALE for a fine-tune of a full model (trained heads),
+    # TRAIN_ALL_MASK_LR_SCALE with --train-all or untrained heads.
+    mask_lr_scale: float | None = None
     projector_lr_scale: float = 1.0  # LLaVA's projector (--train-projector), the same way
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | paged_adamw_8bit (bitsandbytes, 2 bytes of state/param)
@@ -94,7 +105,7 @@ class TrainConfig:
     # Weight of an MSE keeping the replay samples' [SEG] prompts at the base model's (the same
     # model with its LoRA adapters off): replay then keeps what the model did, not only what
     # the labels say. 0 = off.
-    replay_distill: float = 0.0
+    replay_distill: float = REPLAY_DISTILL
     # Retention images scored at each evaluation (0 = all there are). Per-image IoUs are
     # nearly all near 0 or near 0.85, so 100 images put the standard error of a difference
     # of gIoU around 0.02 and 40 around 0.04: below that, the margin would be noise.
@@ -111,6 +122,11 @@ class TrainConfig:
             raise ConfigError("use either --dataset or --synthetic, not both")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if self.mask_lr_scale is None:
+            trained_heads = self.model.heads is not None and not self.model.train_all
+            self.mask_lr_scale = (
+                FINE_TUNE_MASK_LR_SCALE if trained_heads else TRAIN_ALL_MASK_LR_SCALE
+            )
         for name in ("mask_lr_scale", "projector_lr_scale"):
             if not getattr(self, name) >= 0:  # also refuses NaN
                 raise ConfigError(
@@ -334,7 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=TrainConfig.mask_lr_scale,
         help="the [SEG] projection and SAM's mask decoder learn at this multiple of the "
-        "learning rate (the language model's LoRA and token rows at the rate itself)",
+        "learning rate (the language model's LoRA and token rows at the rate itself); default "
+        f"{FINE_TUNE_MASK_LR_SCALE:g} (they stay as they are) for a fine-tune of a full model "
+        "(the bundled model, a converted LISA, a fine-tuned run), "
+        f"{TRAIN_ALL_MASK_LR_SCALE:g} with --train-all or a base LLaVA preset (the projection "
+        "starts untrained)",
     )
     _add(
         p,
@@ -440,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=TrainConfig.replay_distill,
         metavar="WEIGHT",
         help="fine-tuning with LoRA: an MSE (times WEIGHT) keeps the replay samples' [SEG] "
-        "prompts at those of the model before the run (its adapters switched off); 0 = off",
+        "prompts at those of the model before the run (its adapters switched off); 0 = off "
+        "(default %(default)g)",
     )
     _add(
         p,

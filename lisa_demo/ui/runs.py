@@ -29,6 +29,7 @@ import pandas as pd
 
 from lisa_demo.atomic import complete_folder
 from lisa_demo.config import PROJECT_ROOT, ModelConfig
+from lisa_demo.train.options import REPLAY_DISTILL
 from lisa_demo.ui.archive import ArchiveError, check_dataset, prepare_uploaded_dataset
 from lisa_demo.ui.models import RUN_INFO_FILE
 from lisa_demo.ui.settings import AppSettings
@@ -103,8 +104,10 @@ class TrainRequest:
     replay_share: float = 0.5  # share of each epoch from the base model's domain
     replay_folder: str | None = None  # server folder of base-domain data (ReasonSeg layout)
     retention_margin: float = 0.03  # gIoU the retention set may lose before the run warns
-    mask_lr_scale: float = 1.0  # the [SEG] projection and mask decoder learn at this x lr
-    replay_distill: float = 0.0  # MSE weight keeping replay [SEG] prompts at the base's
+    # the [SEG] projection and mask decoder learn at this x lr; None: the trainer's default
+    # (0 for a full model, whose mask side is trained; 1 for a base preset)
+    mask_lr_scale: float | None = None
+    replay_distill: float = REPLAY_DISTILL  # MSE weight keeping replay [SEG] prompts at the base's
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -131,7 +134,7 @@ class TrainRequest:
             raise RunError(f"the replay share must be in [0, 1), got {self.replay_share}")
         if not self.retention_margin >= 0:
             raise RunError(f"the retention margin must be >= 0, got {self.retention_margin}")
-        if not self.mask_lr_scale >= 0:
+        if self.mask_lr_scale is not None and not self.mask_lr_scale >= 0:
             raise RunError(f"the mask side's rate scale must be >= 0, got {self.mask_lr_scale}")
         if not self.replay_distill >= 0:
             raise RunError(f"the distillation weight must be >= 0, got {self.replay_distill}")
@@ -167,7 +170,8 @@ class TrainRequest:
         args += ["--lr-scheduler", self.lr_scheduler, "--eval-every", str(int(self.eval_every))]
         args += ["--replay-share", repr(float(self.replay_share))]
         args += ["--retention-margin", repr(float(self.retention_margin))]
-        args += ["--mask-lr-scale", repr(float(self.mask_lr_scale))]
+        if self.mask_lr_scale is not None:
+            args += ["--mask-lr-scale", repr(float(self.mask_lr_scale))]
         args += ["--replay-distill", repr(float(self.replay_distill))]
         if self.replay_folder:
             args += ["--replay-dir", self.replay_folder]

@@ -174,7 +174,7 @@ def test_lr_scales_put_the_mask_side_and_the_projector_in_their_own_groups(tmp_p
     params = [*language.parameters(), *decoder.parameters()]
     mask_side = {id(p) for p in decoder.parameters()}
     base = ["--synthetic", "4", "--output-dir", str(tmp_path), "--learning-rate", "1e-3"]
-    one = build_optimizer(params, parse_args(base), mask_side)
+    one = build_optimizer(params, parse_args([*base, "--mask-lr-scale", "1"]), mask_side)
     assert len(one.param_groups) == 1  # scale 1: one group, as before
     scaled = build_optimizer(params, parse_args([*base, "--mask-lr-scale", "0.3"]), mask_side)
     groups = scaled.param_groups
@@ -225,3 +225,20 @@ def test_distillation_reference_is_the_model_before_training(tmp_path):
     a = [torch.zeros(1, 2), torch.ones(1, 2), torch.full((1, 2), 3.0)]
     b = [torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2)]
     assert _prompt_distance(a, b, [1, 2]).item() == pytest.approx((1.0 + 9.0) / 2)
+
+
+def test_fine_tune_defaults_keep_the_mask_side_and_distil_replay(tmp_path):
+    """A fine-tune's defaults are the conservative ones the model card measured: a full
+    model's mask side frozen (scale 0) and replay distillation on; --train-all and a base
+    preset (untrained projection) train the mask side at the full rate; an explicit value wins
+    either way."""
+    from lisa_demo.train.options import parse_args
+
+    base = ["--synthetic", "4", "--output-dir", str(tmp_path)]
+    fine_tune = parse_args(base)
+    assert (fine_tune.mask_lr_scale, fine_tune.replay_distill) == (0.0, 3.0)
+    assert parse_args([*base, "--preset", "tiny-random", "--train-all"]).mask_lr_scale == 1.0
+    # a base LLaVA preset: the projection starts untrained, so the mask side must learn
+    assert parse_args([*base, "--preset", "llava-1.5-7b"]).mask_lr_scale == 1.0
+    assert parse_args([*base, "--mask-lr-scale", "0.5"]).mask_lr_scale == 0.5
+    assert parse_args([*base, "--replay-distill", "0"]).replay_distill == 0.0
