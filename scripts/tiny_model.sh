@@ -52,13 +52,18 @@ python -m lisa_demo.eval --dataset runs/heart-word-eval/val --model-only --prese
 python -m lisa_demo.eval --dataset runs/heart-word-eval300/val --model-only --preset tiny \
   --per-sample runs/heart-word300-before-per-sample.json
 
-# 5. The Training tab's default run: LoRA fine-tune on scenes whose targets are hearts.
+# 5. The Training tab's default run: LoRA fine-tune on scenes whose targets are hearts, mixed
+#    with replay scenes of every concept (the defaults: replay share 0.5, replay distillation
+#    weight 3, the projection and mask decoder frozen), then what it kept.
 rm -rf runs/heart-finetune
 python -m lisa_demo.train --preset tiny --synthetic 400 --synthetic-seed 11 \
-  --focus-concept heart --train-tokens heart --train-projector --synthetic-explanations \
-  --max-steps 420 --batch-size 8 --learning-rate 7e-4 --lora-r 16 \
+  --focus-concept heart --train-tokens heart --synthetic-explanations \
+  --max-steps 700 --batch-size 8 --learning-rate 1e-3 --lora-r 16 \
   --lora-targets q_proj k_proj v_proj o_proj gate_proj up_proj down_proj \
-  --lr-scheduler cosine --eval-every 210 --max-val-samples 40 --output-dir runs/heart-finetune
+  --lr-scheduler cosine --eval-every 350 --max-val-samples 40 --output-dir runs/heart-finetune
+python -m lisa_demo.eval --dataset runs/heldout/val --preset tiny \
+  --checkpoint runs/heart-finetune/checkpoints/best
+python scripts/score_examples.py --checkpoint runs/heart-finetune/checkpoints/best
 python -m lisa_demo.eval --dataset runs/heart-eval/val --preset tiny \
   --checkpoint runs/heart-finetune/checkpoints/best --per-sample runs/heart-after-per-sample.json
 python -m lisa_demo.eval --dataset runs/heart-word-eval/val --preset tiny \
