@@ -44,6 +44,7 @@ SOURCES = ("synthetic", "zip", "folder")
 PRESET_DEFAULT = "preset default"
 MAX_LOG_LINES = 1000
 POLL_S = 0.25
+MAX_CURVE_STEPS = 300  # loss-curve steps sent to the page (thinned beyond that)
 LOSS_SERIES = ("loss", "ce_loss", "bce_loss", "dice_loss")
 # The validation plot's two curves: the new data and the retention set (what the model knew).
 NEW_DATA, RETENTION = "new data gIoU", "retention gIoU"
@@ -441,8 +442,15 @@ class RunState:
     def log_text(self) -> str:
         return "\n".join(self.log_lines)
 
-    def loss_frame(self) -> pd.DataFrame:
-        return curve_frame(self.losses)
+    def loss_frame(self, max_steps: int = MAX_CURVE_STEPS) -> pd.DataFrame:
+        """The loss curves, at most `max_steps` steps of them (evenly thinned, the newest step
+        always kept): a long run's page update stays small and cheap to build."""
+        steps = sorted({row[0] for row in self.losses})
+        if len(steps) <= max_steps:
+            return curve_frame(self.losses)
+        stride = -(-len(steps) // max_steps)  # ceil
+        keep = set(steps[::-1][::stride])
+        return curve_frame([row for row in self.losses if row[0] in keep])
 
     def eval_frame(self) -> pd.DataFrame:
         return curve_frame(self.evals)
@@ -529,6 +537,11 @@ class TrainingRun:
     def snapshot(self) -> RunState:
         with self._lock:
             return copy.deepcopy(self.state)
+
+    @property
+    def version(self) -> int:
+        """Changes whenever the state does; cheap (no copy) for a follower's polling."""
+        return self.state.version
 
     @property
     def alive(self) -> bool:
@@ -734,6 +747,11 @@ class TrainingManager:
     def snapshot(self) -> RunState | None:
         run = self.run
         return None if run is None else run.snapshot()
+
+    def version(self) -> tuple[int, int] | None:
+        """(which run, its state's version), or None without a run: no copy is made."""
+        run = self.run
+        return None if run is None else (id(run), run.version)
 
     def stop(self) -> str:
         run = self.run

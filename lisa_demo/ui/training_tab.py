@@ -38,6 +38,9 @@ from lisa_demo.ui.settings import DEFAULT_PRESET, AppSettings
 
 FOLLOW_POLL_S = 0.5
 REFRESH_S = 5.0  # re-send the progress line this often even without events (elapsed time)
+# A running trainer's view goes to the page at most this often: building and sending it shares
+# the CPU with the trainer (on 2 cores, an update every half second slowed training by a third).
+UPDATE_S = 2.0
 SOURCE_CHOICES = [
     ("Synthetic scenes (generated)", "synthetic"),
     ("Upload a .zip (ReasonSeg layout)", "zip"),
@@ -162,16 +165,22 @@ def follow(manager: TrainingManager) -> Iterator[tuple]:
     """
     last_version, last_files, last_sent = None, None, 0.0
     while True:
+        since = time.monotonic() - last_sent
+        version = manager.version()
+        if version is not None and last_version is not None and since < REFRESH_S and (
+            version == last_version or since < UPDATE_S
+        ):
+            time.sleep(FOLLOW_POLL_S)  # nothing new, or too soon: no copy, no update
+            continue
         state = manager.snapshot()
         if state is None:
             yield idle_outputs()
             return
-        stale = time.monotonic() - last_sent > REFRESH_S
-        if state.version != last_version or state.done or stale:
+        if version != last_version or state.done or since > REFRESH_S:
             files = state.checkpoint_files()
             changed = files != last_files or state.done
             yield state_outputs(state, files if changed else gr.skip())
-            last_version, last_files, last_sent = state.version, files, time.monotonic()
+            last_version, last_files, last_sent = version, files, time.monotonic()
         if state.done:
             return
         time.sleep(FOLLOW_POLL_S)

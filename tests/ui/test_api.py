@@ -251,11 +251,13 @@ def test_train_streams_updates_and_ends_with_checkpoints(
     argv = " ".join(json.loads(events.read_text().splitlines()[0])["config"]["argv"])
     for flags in (
         "--synthetic 400 --focus-concept heart --train-tokens heart --synthetic-explanations",
-        "--learning-rate 0.0007 --lora-r 16 --lora-targets q_proj k_proj v_proj o_proj "
+        "--learning-rate 0.001 --lora-r 16 --lora-targets q_proj k_proj v_proj o_proj "
         "gate_proj up_proj down_proj --lora-dropout 0.05 --batch-size 8",
-        "--train-projector",
+        "--eval-every 350", "--replay-share 0.5", "--replay-distill 3.0",
     ):
         assert flags in argv
+    # the projector stays frozen and the mask side's rate is the trainer's (0 for this model)
+    assert "--train-projector" not in argv and "--mask-lr-scale" not in argv
 
     # The run's checkpoints are now models of the Inference tab.
     folder = fake_app.settings.runs_dir / run_id / "checkpoints" / "best"

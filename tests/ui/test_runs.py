@@ -272,3 +272,17 @@ def test_a_full_model_run_launches_the_trainer_with_model(tmp_path: Path, monkey
     assert "--llava" not in launched and "--sam" not in launched and "--preset" not in launched
     info = json.loads((state.run_dir / "ui_run.json").read_text())
     assert info["model"] == str(folder)
+
+
+def test_loss_curve_is_thinned_for_the_page_keeping_the_newest_step(tmp_path: Path) -> None:
+    state = RunState(run_id="r", run_dir=tmp_path)
+    for step in range(1, 1001):
+        state.apply({"event": "log", "step": step, "loss": 1.0 / step, "ce_loss": 0.5})
+    frame = state.loss_frame(max_steps=300)
+    steps = sorted(set(frame["step"]))
+    assert len(steps) <= 300 and steps[-1] == 1000
+    assert steps == list(range(1000, 0, -4))[::-1]  # every 4th step, counted from the newest
+    assert (frame.groupby("step").size() == 2).all()  # both series at every kept step
+    kept = frame[frame["series"] == "loss"].set_index("step")["value"]
+    assert kept[1000] == 1.0 / 1000 and kept[4] == 1.0 / 4
+    assert len(state.loss_frame(max_steps=2000)) == 2000  # short runs: every point
