@@ -54,8 +54,8 @@ NO_CONCEPT = "none"
 # the model card gives its before/after numbers on the new concept and on what the model knew
 # (assets/tiny-lisa/README.md, "Choosing the fine-tune's defaults").
 DEFAULT_RUN = {
-    "scenes": 400, "focus": "heart", "max_steps": 700, "learning_rate": 1e-3,
-    "batch_size": 8, "eval_every": 350, "max_val_samples": 40, "lora_rank": 16,
+    "scenes": 400, "focus": "heart", "max_steps": 600, "learning_rate": 1e-3,
+    "batch_size": 8, "eval_every": 300, "max_val_samples": 40, "lora_rank": 16,
     "lora_targets": list(LORA_TARGETS), "explained_answers": True, "pointing_weight": 0.0,
     "train_projector": False, "lora_dropout": ModelConfig.lora_dropout,
     "replay_share": TrainRequest.replay_share, "retention_margin": TrainRequest.retention_margin,

@@ -253,7 +253,7 @@ def test_train_streams_updates_and_ends_with_checkpoints(
         "--synthetic 400 --focus-concept heart --train-tokens heart --synthetic-explanations",
         "--learning-rate 0.001 --lora-r 16 --lora-targets q_proj k_proj v_proj o_proj "
         "gate_proj up_proj down_proj --lora-dropout 0.05 --batch-size 8",
-        "--eval-every 350", "--replay-share 0.5", "--replay-distill 3.0",
+        "--eval-every 300", "--replay-share 0.5", "--replay-distill 3.0",
     ):
         assert flags in argv
     # the projector stays frozen and the mask side's rate is the trainer's (0 for this model)
