@@ -256,7 +256,8 @@ def test_fine_tune_from_a_converted_lisa_continues_from_its_weights(converted, t
     run = tmp_path / "run"
     code = train_main(
         ["--model", str(converted), "--dataset", str(data), "--output-dir", str(run),
-         "--max-steps", "2", "--eval-every", "2", "--batch-size", "1", "--seg-rate-samples", "0"]
+         "--max-steps", "2", "--eval-every", "2", "--batch-size", "1", "--seg-rate-samples", "0",
+         "--mask-lr-scale", "1"]  # the mask side trains, as in LISA (a fine-tune's default: 0)
     )  # fmt: skip
     assert code == 0
     last = run / "checkpoints" / "last"

@@ -163,7 +163,7 @@ def test_example_segments_then_a_training_run_streams(
     # A deliberately harmful setting (learning rate 0.05): the run ends with the warning.
     page.get_by_role("tab", name="Training").click()
     page.get_by_label("Max steps").fill("4")
-    page.get_by_label("Learning rate").fill("0.05")
+    page.get_by_label("Learning rate", exact=True).fill("0.05")
     page.get_by_role("button", name="Start training").click()
     expect(progress).to_contain_text(re.compile(r"finished.*Warning: the model forgot", re.S))
     expect(progress.locator("strong", has_text="Warning: the model forgot")).to_be_visible()
