@@ -197,7 +197,8 @@ def prepare_datasets(cfg: TrainConfig, accelerator) -> tuple[ReasonSegDataset, R
             generate_dataset(
                 tmp, splits, cfg.synthetic_seed, cfg.exclude_concept, cfg.focus_concept,
                 extra_queries=cfg.synthetic_extra_queries,
-                extra_families=cfg.synthetic_extra_families,
+                extra_families=cfg.synthetic_extra_families, look_alikes=cfg.look_alikes,
+                look_alike_share=cfg.look_alike_share,
             )  # fmt: skip
             tmp.rename(root)
         accelerator.wait_for_everyone()

@@ -20,7 +20,12 @@ from lisa_demo.config import (
     ModelConfig,
     base_model_config,
 )
-from lisa_demo.data.synthetic import DEFAULT_EXTRA_FAMILIES, EXTRA_FAMILIES
+from lisa_demo.data.synthetic import (
+    DEFAULT_EXTRA_FAMILIES,
+    EXTRA_FAMILIES,
+    LOOK_ALIKE_SHARE,
+    check_look_alikes,
+)
 from lisa_demo.paths import CHECKPOINT, FILE, FOLDER, MODEL, OUTPUT_FOLDER, check_paths
 from lisa_demo.train import pretrain
 from lisa_demo.train.pretrain import PretrainOptions
@@ -52,6 +57,8 @@ class TrainConfig:
     focus_concept: str | None = None  # synthetic: every target has this concept
     synthetic_extra_queries: int = 0  # synthetic: more train samples per scene, other shapes
     synthetic_extra_families: tuple[str, ...] = DEFAULT_EXTRA_FAMILIES  # their query families
+    look_alikes: tuple[str, ...] = ()  # synthetic: concepts the target is mistaken for
+    look_alike_share: float = LOOK_ALIKE_SHARE  # synthetic: share of scenes showing one
     explanations: Path | None = None  # ReasonSeg explanations JSON: text after [SEG]
     synthetic_explanations: bool = False  # synthetic: answers also describe the target
     explanation_lead: float = 0.0  # share of explained answers that name the target before [SEG]
@@ -120,6 +127,14 @@ class TrainConfig:
             raise ConfigError("give a dataset folder (--dataset DIR) or --synthetic N")
         if self.dataset is not None and self.synthetic > 0:
             raise ConfigError("use either --dataset or --synthetic, not both")
+        if self.look_alikes and not self.synthetic:
+            raise ConfigError("--look-alikes shapes synthetic scenes: it needs --synthetic N")
+        try:
+            self.look_alikes = check_look_alikes(
+                self.look_alikes, self.look_alike_share, self.exclude_concept, self.focus_concept
+            )
+        except ValueError as error:
+            raise ConfigError(f"--look-alikes: {error}") from None
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.mask_lr_scale is None:
@@ -250,6 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FAMILY",
         help=f"synthetic: query families of those extra samples (some of "
         f"{', '.join(EXTRA_FAMILIES)}; default: {' '.join(DEFAULT_EXTRA_FAMILIES)})",
+    )
+    _add(
+        p,
+        "look-alikes",
+        nargs="+",
+        default=[],
+        metavar="WORD",
+        help="synthetic: kinds or colours the target is mistaken for (hard negatives); a "
+        "share of the scenes shows one beside the target",
+    )
+    _add(
+        p,
+        "look-alike-share",
+        type=float,
+        default=LOOK_ALIKE_SHARE,
+        metavar="P",
+        help=f"synthetic: share of the scenes that show a look-alike (default {LOOK_ALIKE_SHARE})",
     )
     _add(
         p,
@@ -546,6 +578,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         focus_concept=args.focus_concept,
         synthetic_extra_queries=args.synthetic_extra_queries,
         synthetic_extra_families=tuple(args.synthetic_extra_families),
+        look_alikes=tuple(args.look_alikes),
+        look_alike_share=args.look_alike_share,
         explanations=args.explanations,
         synthetic_explanations=args.synthetic_explanations,
         explanation_lead=args.explanation_lead,

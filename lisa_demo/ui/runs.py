@@ -29,6 +29,7 @@ import pandas as pd
 
 from lisa_demo.atomic import complete_folder
 from lisa_demo.config import PROJECT_ROOT, ModelConfig
+from lisa_demo.data.synthetic import CONCEPTS, LOOK_ALIKE_SHARE
 from lisa_demo.train.options import REPLAY_DISTILL
 from lisa_demo.ui.archive import ArchiveError, check_dataset, prepare_uploaded_dataset
 from lisa_demo.ui.models import RUN_INFO_FILE
@@ -109,6 +110,7 @@ class TrainRequest:
     # (0 for a full model, whose mask side is trained; 1 for a base preset)
     mask_lr_scale: float | None = None
     replay_distill: float = REPLAY_DISTILL  # MSE weight keeping replay [SEG] prompts at the base's
+    look_alikes: tuple[str, ...] = ()  # synthetic: concepts half the scenes show beside the target
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -127,6 +129,13 @@ class TrainRequest:
             raise RunError("choose at least one LoRA target, e.g. q_proj and v_proj")
         if self.exclude_concept and self.exclude_concept == self.focus_concept:
             raise RunError("a concept cannot be both held out and focused on")
+        for concept in self.look_alikes:
+            if concept not in CONCEPTS:
+                raise RunError(f"unknown look-alike {concept!r}; known: {', '.join(CONCEPTS)}")
+            if concept in (self.exclude_concept, self.focus_concept):
+                raise RunError(
+                    f"{concept!r} cannot be a look-alike and the held-out or focus concept"
+                )
         if not self.pointing_weight >= 0:  # also refuses NaN
             raise RunError(f"the pointing loss weight must be >= 0, got {self.pointing_weight}")
         if not 0.0 <= self.lora_dropout < 1.0:  # also refuses NaN
@@ -157,6 +166,8 @@ class TrainRequest:
                 args += ["--train-tokens", self.focus_concept]
             if self.explained_answers:
                 args += ["--synthetic-explanations"]
+            if self.look_alikes:
+                args += ["--look-alikes", *self.look_alikes]
         if self.length == "epochs":
             args += ["--epochs", str(int(self.epochs))]
         else:
@@ -667,7 +678,9 @@ def _prepare_data(request: TrainRequest, run_dir: Path) -> tuple[Path | None, st
         return folder, check_dataset(folder)
     held = f", without {request.exclude_concept}" if request.exclude_concept else ""
     focus = f", every target a {request.focus_concept}" if request.focus_concept else ""
-    return None, f"{request.synthetic_n} synthetic scenes{held}{focus}"
+    alike = " or ".join(request.look_alikes)
+    alike = f", {LOOK_ALIKE_SHARE:.0%} of them with a {alike} beside the target" if alike else ""
+    return None, f"{request.synthetic_n} synthetic scenes{held}{focus}{alike}"
 
 
 class TrainingManager:

@@ -54,12 +54,13 @@ NO_CONCEPT = "none"
 # the model card gives its before/after numbers on the new concept and on what the model knew
 # (assets/tiny-lisa/README.md, "Choosing the fine-tune's defaults").
 DEFAULT_RUN = {
-    "scenes": 400, "focus": "heart", "max_steps": 600, "learning_rate": 1e-3,
+    "scenes": 400, "focus": "heart", "max_steps": 600, "learning_rate": 1.5e-3,
     "batch_size": 8, "eval_every": 300, "max_val_samples": 40, "lora_rank": 16,
     "lora_targets": list(LORA_TARGETS), "explained_answers": True, "pointing_weight": 0.0,
     "train_projector": False, "lora_dropout": ModelConfig.lora_dropout,
-    "replay_share": TrainRequest.replay_share, "retention_margin": TrainRequest.retention_margin,
+    "replay_share": 0.3, "retention_margin": TrainRequest.retention_margin,
     "mask_lr_scale": TrainRequest.mask_lr_scale, "replay_distill": TrainRequest.replay_distill,
+    "look_alikes": ["diamond"],
 }  # fmt: skip
 # gradio's own autoscroll only follows a textbox whose content is under 100 px taller than
 # the box, so the log box is scrolled to its newest line in the page after each update.
@@ -167,8 +168,11 @@ def follow(manager: TrainingManager) -> Iterator[tuple]:
     while True:
         since = time.monotonic() - last_sent
         version = manager.version()
-        if version is not None and last_version is not None and since < REFRESH_S and (
-            version == last_version or since < UPDATE_S
+        if (
+            version is not None
+            and last_version is not None
+            and since < REFRESH_S
+            and (version == last_version or since < UPDATE_S)
         ):
             time.sleep(FOLLOW_POLL_S)  # nothing new, or too soon: no copy, no update
             continue
@@ -222,6 +226,7 @@ def build_request(
     replay_folder: str | None = None,
     mask_lr_scale: float | None = TrainRequest.mask_lr_scale,
     replay_distill: float = TrainRequest.replay_distill,
+    look_alikes: list[str] | None = None,
 ) -> TrainRequest:
     """The tab's controls (in the order of TRAIN_INPUTS) as a TrainRequest; gr.Error when
     they ask for something this app does not allow or that cannot work."""
@@ -263,6 +268,7 @@ def build_request(
             replay_distill=float(
                 TrainRequest.replay_distill if replay_distill is None else replay_distill
             ),
+            look_alikes=tuple(dict.fromkeys(look_alikes or ())),
         )
     except RunError as err:
         raise gr.Error(str(err)) from err
@@ -304,6 +310,7 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
         replay_folder: str | None = None,
         mask_lr_scale: float | None = TrainRequest.mask_lr_scale,
         replay_distill: float = TrainRequest.replay_distill,
+        look_alikes: list[str] | None = None,
     ) -> Iterator[tuple]:
         request = build_request(
             settings, source, synthetic_scenes, hold_out_concept, focus_concept, dataset_zip,
@@ -311,7 +318,7 @@ def make_train_handler(settings: AppSettings, manager: TrainingManager):
             lora_targets, batch_size, grad_accum, max_train_samples, max_val_samples,
             lr_scheduler, precision, quantization, eval_every, explained_answers,
             pointing_weight, train_projector, lora_dropout, replay_share, retention_margin,
-            replay_folder, mask_lr_scale, replay_distill,
+            replay_folder, mask_lr_scale, replay_distill, look_alikes,
         )  # fmt: skip
         try:
             manager.start(settings, request)
@@ -497,6 +504,14 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
                         label="Focus concept",
                         info="scenes whose targets are this; its name's token rows train too",
                     )
+                look_alikes = gr.Dropdown(
+                    list(CONCEPTS),
+                    value=DEFAULT_RUN["look_alikes"],
+                    multiselect=True,
+                    label="Look-alikes",
+                    info="hard negatives: half the scenes also show one of these beside the "
+                    "target (the default heart run's model mistook hearts for diamonds)",
+                )
                 explained = gr.Checkbox(
                     DEFAULT_RUN["explained_answers"],
                     label="Answers describe the target (as in the bundled model's pretraining)",
@@ -704,6 +719,7 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
         replay_folder,
         mask_lr_scale,
         replay_distill,
+        look_alikes,
     ]  # fmt: skip
     estimate.click(
         make_estimate_handler(settings, manager),

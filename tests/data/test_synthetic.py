@@ -380,3 +380,59 @@ def test_extra_queries_keep_a_focus_concept_and_are_validated(tmp_path, capsys):
     assert "extra queries 1" in capsys.readouterr().out
     extras = list((tmp_path / "c" / "train").glob("*_x1.json"))
     assert extras and {json.loads(p.read_text())["family"] for p in extras} == {"function"}
+
+
+def _diamond_pixels_match(folder: Path, name: str, obj: dict) -> bool:
+    """Whether the pixels inside a listed shape's outline have its colour (the JPEG's mean
+    within 40 of the palette colour), read back from the written image."""
+    image = cv2.cvtColor(cv2.imread(str(folder / f"{name}.jpg")), cv2.COLOR_BGR2RGB)
+    inside = np.zeros(image.shape[:2], np.uint8)
+    cv2.fillPoly(inside, [np.round(np.asarray(obj["outline"])).astype(np.int32)], 1)
+    inside = cv2.erode(inside, np.ones((3, 3), np.uint8))
+    mean = image[inside > 0].mean(axis=0)
+    return bool(np.abs(mean - np.asarray(COLOURS[obj["colour"]])).max() < 40)
+
+
+def test_look_alikes_put_a_hard_negative_beside_the_target(tmp_path, capsys):
+    plain, alike = tmp_path / "plain", tmp_path / "alike"
+    generate_dataset(plain, {"train": 40}, seed=3, focus_concept="heart")
+    generate_dataset(alike, {"train": 40}, seed=3, focus_concept="heart", look_alikes=["diamond"],
+                     look_alike_share=0.5)  # fmt: skip
+    changed, with_diamond = 0, 0
+    for path in sorted((alike / "train").glob("*.json")):
+        annotation = json.loads(path.read_text())
+        others = [o for o in annotation["objects"] if not o["target"]]
+        diamonds = [o for o in others if o["kind"] == "diamond"]
+        with_diamond += bool(diamonds)
+        assert target_of(annotation)["kind"] == "heart"
+        check_query(annotation)
+        same = path.read_bytes() == (plain / "train" / path.name).read_bytes()
+        if not same:
+            changed += 1
+            # a scene that was drawn again is one that shows a diamond, really painted
+            assert diamonds and _diamond_pixels_match(alike / "train", path.stem, diamonds[0])
+    plain_diamonds = sum(
+        any(
+            o["kind"] == "diamond" and not o["target"] for o in json.loads(p.read_text())["objects"]
+        )
+        for p in (plain / "train").glob("*.json")
+    )
+    # about half the scenes were asked for a diamond; the rest are the plain set's scenes
+    assert with_diamond >= 15 and with_diamond > plain_diamonds + 5
+    assert 0 < changed < 40
+    generate_dataset(tmp_path / "all", {"val": 12}, seed=4, focus_concept="heart",
+                     look_alikes=["diamond", "pink"], look_alike_share=1.0)  # fmt: skip
+    for path in (tmp_path / "all" / "val").glob("*.json"):
+        others = [o for o in json.loads(path.read_text())["objects"] if not o["target"]]
+        assert any(o["kind"] == "diamond" or o["colour"] == "pink" for o in others)
+    for bad, message in (
+        ({"look_alikes": ["unicorn"]}, "unknown look-alike 'unicorn'"),
+        ({"look_alikes": ["heart"]}, "cannot be a look-alike and the excluded or focus"),
+        ({"look_alikes": ["star"], "look_alike_share": 1.5}, r"share must be in \[0, 1\]"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            generate_dataset(tmp_path / "bad", {"val": 1}, seed=0, focus_concept="heart", **bad)
+    argv = ["--out", str(tmp_path / "cli"), "--train", "3", "--val", "0", "--focus-concept",
+            "heart", "--look-alikes", "diamond", "--look-alike-share", "1"]  # fmt: skip
+    assert main(argv) == 0
+    assert "look-alikes diamond" in capsys.readouterr().out

@@ -353,6 +353,36 @@ def test_synthetic_extra_queries_add_training_samples_about_other_shapes(tmp_pat
     assert sizes == {0: (8, 4), 1: (16, 4)}
 
 
+def test_look_alikes_reach_the_generated_training_scenes(tmp_path):
+    from types import SimpleNamespace
+
+    from lisa_demo.config import ConfigError
+    from lisa_demo.train.loop import prepare_datasets
+    from lisa_demo.train.options import parse_args
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    argv = ["--synthetic", "12", "--focus-concept", "heart", "--look-alikes", "diamond",
+            "--look-alike-share", "1", "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    cfg = parse_args(argv)
+    train, val = prepare_datasets(cfg, accelerator)
+    for path in [
+        *(tmp_path / "run/data/train").glob("*.json"),
+        *(tmp_path / "run/data/val").glob("*.json"),
+    ]:
+        objects = json.loads(path.read_text())["objects"]
+        assert any(o["kind"] == "diamond" and not o["target"] for o in objects)
+    out = str(tmp_path / "bad")
+    for split in ("train", "val"):
+        (tmp_path / "ds" / split).mkdir(parents=True)
+    for argv, message in (
+        (["--dataset", str(tmp_path / "ds"), "--look-alikes", "diamond"], "needs --synthetic"),
+        (["--synthetic", "4", "--focus-concept", "heart", "--look-alikes", "heart"], "focus"),
+        (["--synthetic", "4", "--look-alikes", "star", "--look-alike-share", "2"], "share"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_args([*argv, "--output-dir", out])
+
+
 def test_schedule_by_time_follows_whichever_is_further_along():
     # Cosine from 1.0 over steps 10..110 (warm-up 10 steps): at step 60 the steps alone are
     # half-way, lr = 0.5 * (1 + cos(pi / 2)) = 0.5.

@@ -250,10 +250,11 @@ def test_train_streams_updates_and_ends_with_checkpoints(
     events = fake_app.settings.runs_dir / run_id / "events.jsonl"
     argv = " ".join(json.loads(events.read_text().splitlines()[0])["config"]["argv"])
     for flags in (
-        "--synthetic 400 --focus-concept heart --train-tokens heart --synthetic-explanations",
-        "--learning-rate 0.001 --lora-r 16 --lora-targets q_proj k_proj v_proj o_proj "
+        "--synthetic 400 --focus-concept heart --train-tokens heart --synthetic-explanations "
+        "--look-alikes diamond",
+        "--learning-rate 0.0015 --lora-r 16 --lora-targets q_proj k_proj v_proj o_proj "
         "gate_proj up_proj down_proj --lora-dropout 0.05 --batch-size 8",
-        "--eval-every 300", "--replay-share 0.5", "--replay-distill 3.0",
+        "--eval-every 300", "--replay-share 0.3", "--replay-distill 3.0",
     ):
         assert flags in argv
     # the projector stays frozen and the mask side's rate is the trainer's (0 for this model)

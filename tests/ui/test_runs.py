@@ -73,9 +73,12 @@ def test_train_request_builds_the_trainer_contract_flags(tmp_path: Path) -> None
         pointing_weight=2.0,
         train_projector=True,
         lora_dropout=0.0,
+        look_alikes=("diamond", "pink"),
     )
     focused = focused.trainer_args(tmp_path, None)
     assert " ".join(focused).count("--focus-concept heart --train-tokens heart") == 1
+    assert focused[focused.index("--look-alikes") + 1 :][:2] == ["diamond", "pink"]
+    assert "--look-alikes" not in args
     assert "--synthetic-explanations" in focused
     assert focused[focused.index("--pointing-weight") + 1] == "2.0"
     assert "--train-projector" in focused
@@ -101,6 +104,8 @@ def test_train_request_builds_the_trainer_contract_flags(tmp_path: Path) -> None
         ({"replay_share": 1.0}, "replay share"),
         ({"replay_share": -0.1}, "replay share"),
         ({"retention_margin": float("nan")}, "retention margin"),
+        ({"focus_concept": "heart", "look_alikes": ("heart",)}, "look-alike and the held-out"),
+        ({"look_alikes": ("unicorn",)}, "unknown look-alike"),
     ],
 )
 def test_train_request_refuses_nonsense(fields: dict, message: str) -> None:

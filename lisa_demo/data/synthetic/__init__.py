@@ -15,6 +15,10 @@ With extra queries (training split only), a scene also gets NAME_xK samples: the
 another of its shapes as the target, named by an attribute, uniqueness, function or
 superlative query.
 
+With look-alikes (hard negatives, e.g. diamonds for a set of heart targets), a share of the
+scenes shows at least one shape of those kinds or colours beside the target; the other scenes
+are the ones written without them.
+
 CLI: python -m lisa_demo.data.synthetic --out DIR --train N --val M [--test K] --seed S
 
     shapes.py       looks, outlines and placement of the shapes on a canvas
@@ -81,11 +85,13 @@ __all__ = [
     "EXTRA_FAMILIES",
     "FAMILIES",
     "FUNCTIONS",
+    "LOOK_ALIKE_SHARE",
     "REGIONS",
     "SHAPE_KINDS",
     "SIZES",
     "SIZE_WORDS",
     "SceneObject",
+    "check_look_alikes",
     "explanations_for",
     "generate_dataset",
     "generate_scene",
@@ -99,6 +105,7 @@ __all__ = [
 ]
 
 EXPLANATIONS_SUFFIX = "explanations.json"  # OUT/SPLIT_explanations.json
+LOOK_ALIKE_SHARE = 0.5  # share of the scenes that show one of the look-alikes, when given
 JPEG_QUALITY = 95
 _ATTEMPTS = 200
 
@@ -242,6 +249,8 @@ def generate_dataset(
     families: Sequence[str] | None = None,
     extra_queries: int = 0,
     extra_families: Sequence[str] = DEFAULT_EXTRA_FAMILIES,
+    look_alikes: Sequence[str] = (),
+    look_alike_share: float = LOOK_ALIKE_SHARE,
 ) -> dict[str, int]:
     """Write OUT/SPLIT/SPLIT_NNNNN.jpg + .json for each split (ReasonSeg layout).
 
@@ -255,10 +264,16 @@ def generate_dataset(
     no image comes with one answer only. The scenes and their first queries are the same with
     or without them.
 
+    `look_alikes` (kinds or colours; hard negatives): in `look_alike_share` of the scenes,
+    drawn at random, at least one shape other than the target has one of them, so that the
+    set shows the target next to what it is mistaken for. The other scenes are the ones the
+    call writes without look-alikes.
+
     Returns:
         split -> number of scenes written.
     """
     _vocabulary(exclude_concept, focus_concept)  # fail before writing anything
+    look_alikes = check_look_alikes(look_alikes, look_alike_share, exclude_concept, focus_concept)
     if extra_queries < 0:
         raise ValueError(f"extra_queries must be >= 0, got {extra_queries}")
     if not extra_families or any(f not in EXTRA_FAMILIES for f in extra_families):
@@ -283,11 +298,19 @@ def generate_dataset(
             scene_rng = random.Random(split_rng.getrandbits(64))
             family = scene_rng.choice(tuple(families)) if families else None
             extra = extra_queries if split == "train" else 0
-            extra_rng = random.Random(f"extra/{seed}/{split}/{index}")
-            image, annotations = generate_scene_queries(
-                scene_rng, exclude_concept, focus_concept, family, extra, extra_rng,
-                extra_families,
-            )  # fmt: skip
+            # drawn apart from the scene's own generator: the scenes not chosen stay as they are
+            chosen = random.Random(f"look-alike/{seed}/{split}/{index}").random() < look_alike_share
+            wanted = set(look_alikes) if look_alikes and chosen else set()
+            for _ in range(_ATTEMPTS):
+                extra_rng = random.Random(f"extra/{seed}/{split}/{index}")
+                image, annotations = generate_scene_queries(
+                    scene_rng, exclude_concept, focus_concept, family, extra, extra_rng,
+                    extra_families,
+                )  # fmt: skip
+                if not wanted or _shows_any(annotations[0], wanted):
+                    break
+            else:
+                raise RuntimeError(f"no scene with one of {sorted(wanted)} in {_ATTEMPTS} attempts")
             name = f"{split}_{index:05d}"
             _write_pair(folder, name, image, annotations[0])
             explained += explanations_for(f"{name}.jpg", annotations[0])
@@ -302,6 +325,33 @@ def generate_dataset(
         text = json.dumps(explained, indent=1)
         (out / f"{split}_{EXPLANATIONS_SUFFIX}").write_text(text, encoding="utf-8")
     return dict(splits)
+
+
+def check_look_alikes(
+    look_alikes: Sequence[str], share: float, exclude: str | None, focus: str | None
+) -> tuple[str, ...]:
+    """The look-alike concepts, checked; ValueError (one line) for a wrong one."""
+    look_alikes = tuple(dict.fromkeys(look_alikes))
+    for concept in look_alikes:
+        if concept not in CONCEPTS:
+            raise ValueError(
+                f"unknown look-alike {concept!r}; known concepts: {', '.join(CONCEPTS)}"
+            )
+        if concept in (exclude, focus):
+            raise ValueError(
+                f"{concept!r} cannot be a look-alike and the excluded or focus concept"
+            )
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"the look-alike share must be in [0, 1], got {share}")
+    return look_alikes
+
+
+def _shows_any(annotation: dict, concepts: set[str]) -> bool:
+    """Whether a shape other than the target has one of `concepts` (kind or colour)."""
+    return any(
+        not obj["target"] and (obj["kind"] in concepts or obj["colour"] in concepts)
+        for obj in annotation["objects"]
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -330,6 +380,14 @@ def _parser() -> argparse.ArgumentParser:
         help=f"query families of the extra samples (some of {', '.join(EXTRA_FAMILIES)}; "
         f"default: {' '.join(DEFAULT_EXTRA_FAMILIES)})",
     )  # fmt: skip
+    parser.add_argument(
+        "--look-alikes", nargs="+", metavar="WORD", default=[],
+        help="kinds or colours the target is mistaken for: a share of the scenes shows one",
+    )  # fmt: skip
+    parser.add_argument(
+        "--look-alike-share", type=float, default=LOOK_ALIKE_SHARE, metavar="P",
+        help=f"share of the scenes with a look-alike (default {LOOK_ALIKE_SHARE})",
+    )  # fmt: skip
     return parser
 
 
@@ -342,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         counts = generate_dataset(
             args.out, splits, args.seed, args.exclude_concept, args.focus_concept,
-            args.families, args.extra_queries, args.extra_families,
+            args.families, args.extra_queries, args.extra_families, args.look_alikes,
+            args.look_alike_share,
         )  # fmt: skip
     except (ValueError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -355,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("focus", args.focus_concept),
             ("families", " ".join(args.families or ())),
             ("extra queries", args.extra_queries),
+            ("look-alikes", " ".join(args.look_alikes)),
         )  # fmt: skip
         if value
     )
