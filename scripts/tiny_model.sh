@@ -53,13 +53,14 @@ python -m lisa_demo.eval --dataset runs/heart-word-eval300/val --model-only --pr
   --per-sample runs/heart-word300-before-per-sample.json
 
 # 5. The Training tab's default run: LoRA fine-tune on scenes whose targets are hearts, mixed
-#    with replay scenes of every concept (the defaults: replay share 0.5, replay distillation
-#    weight 3, the projection and mask decoder frozen), then what it kept.
+#    with replay scenes of every concept (replay share 0.3, replay distillation weight 3, the
+#    projection and mask decoder frozen; half the heart scenes also show a diamond), then what
+#    it kept.
 rm -rf runs/heart-finetune
 #    The same command as the tab's (its scenes come from --synthetic-seed 0, the default).
 python -m lisa_demo.train --preset tiny --synthetic 400 \
-  --focus-concept heart --train-tokens heart --synthetic-explanations \
-  --max-steps 600 --batch-size 8 --learning-rate 1e-3 --lora-r 16 \
+  --focus-concept heart --train-tokens heart --synthetic-explanations --look-alikes diamond \
+  --max-steps 600 --batch-size 8 --learning-rate 1.5e-3 --replay-share 0.3 --lora-r 16 \
   --lora-targets q_proj k_proj v_proj o_proj gate_proj up_proj down_proj \
   --lr-scheduler cosine --eval-every 300 --max-val-samples 40 --output-dir runs/heart-finetune
 python -m lisa_demo.eval --dataset runs/heldout/val --preset tiny \
