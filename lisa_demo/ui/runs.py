@@ -110,7 +110,7 @@ class TrainRequest:
     # (0 for a full model, whose mask side is trained; 1 for a base preset)
     mask_lr_scale: float | None = None
     replay_distill: float = REPLAY_DISTILL  # MSE weight keeping replay [SEG] prompts at the base's
-    look_alikes: tuple[str, ...] = ()  # synthetic: concepts half the scenes show beside the target
+    look_alikes: tuple[str, ...] = ()  # synthetic: concepts a share of scenes shows by the target
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

@@ -22,7 +22,7 @@ from lisa_demo.config import (
     full_model_config,
     preset,
 )
-from lisa_demo.data.synthetic import CONCEPTS
+from lisa_demo.data.synthetic import CONCEPTS, LOOK_ALIKE_SHARE
 from lisa_demo.memory import GIB, MemoryEstimate, MemoryPlan, estimate_memory
 from lisa_demo.ui.models import CONFIGURED_KEY, FullModel, known_full_models
 from lisa_demo.ui.runs import (
@@ -509,8 +509,9 @@ def build_training_tab(settings: AppSettings, manager: TrainingManager) -> Train
                     value=DEFAULT_RUN["look_alikes"],
                     multiselect=True,
                     label="Look-alikes",
-                    info="hard negatives: half the scenes also show one of these beside the "
-                    "target (the default heart run's model mistook hearts for diamonds)",
+                    info=f"hard negatives: {LOOK_ALIKE_SHARE:.0%} of the scenes also show one "
+                    "of these beside the target (the heart run's model mistook hearts for "
+                    "diamonds)",
                 )
                 explained = gr.Checkbox(
                     DEFAULT_RUN["explained_answers"],

@@ -299,8 +299,10 @@ def generate_dataset(
             family = scene_rng.choice(tuple(families)) if families else None
             extra = extra_queries if split == "train" else 0
             # drawn apart from the scene's own generator: the scenes not chosen stay as they are
-            chosen = random.Random(f"look-alike/{seed}/{split}/{index}").random() < look_alike_share
-            wanted = set(look_alikes) if look_alikes and chosen else set()
+            wanted: set[str] = set()
+            if look_alikes:
+                draw = random.Random(f"look-alike/{seed}/{split}/{index}").random()
+                wanted = set(look_alikes) if draw < look_alike_share else set()
             for _ in range(_ATTEMPTS):
                 extra_rng = random.Random(f"extra/{seed}/{split}/{index}")
                 image, annotations = generate_scene_queries(
