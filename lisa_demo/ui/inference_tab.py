@@ -162,6 +162,7 @@ def build_inference_tab(registry: ModelRegistry, examples_dir: Path) -> Inferenc
                 "Image",
                 sources=["upload", "clipboard", "webcam"],
                 height=360,
+                elem_id="input-image",
             )
             query = gr.Textbox(
                 label="Question",

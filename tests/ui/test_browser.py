@@ -97,6 +97,9 @@ def test_example_segments_then_a_training_run_streams(
     expect(ground_truth).to_have_count(1)  # the example's mask
     page.locator("input[type=file]").first.set_input_files(str(other))
     expect(ground_truth).to_have_count(0)
+    # Segment once the upload has reached the server (the page shows the uploaded file): a
+    # click during the upload still sends the example's image.
+    expect(page.locator("#input-image img")).to_have_attribute("src", re.compile(r"other\.png"))
     page.get_by_role("button", name="Segment", exact=True).click()
     details = page.locator("#segment-details")
     expect(details).to_contain_text("Add a ground-truth mask")
